@@ -1,0 +1,239 @@
+{{/* Names, labels and the values derived from several keys. Templates call these; none renders an object. */}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "vllm-rayservice.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The full name of the release's objects. Truncated to 47 characters, not the usual 63: KubeRay
+rejects a longer RayService name (it appends suffixes to name the RayCluster and its pods).
+*/}}
+{{- define "vllm-rayservice.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 47 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 47 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 47 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Chart name and version, for the helm.sh/chart label. */}}
+{{- define "vllm-rayservice.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The minimal labels that identify this release's objects. */}}
+{{- define "vllm-rayservice.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vllm-rayservice.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The full label set every object carries. */}}
+{{- define "vllm-rayservice.labels" -}}
+helm.sh/chart: {{ include "vllm-rayservice.chart" . }}
+{{ include "vllm-rayservice.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The Service KubeRay creates from spec.serveService; clients and the smoke test call it. */}}
+{{- define "vllm-rayservice.serveServiceName" -}}
+{{- printf "%s-serve-svc" (include "vllm-rayservice.fullname" .) }}
+{{- end }}
+
+{{/* The ConfigMap holding the app code and the smoke-test script. */}}
+{{- define "vllm-rayservice.appConfigMapName" -}}
+{{- printf "%s-app" (include "vllm-rayservice.fullname" .) }}
+{{- end }}
+
+{{/* Where the app ConfigMap is mounted in the Ray containers; PYTHONPATH points here. */}}
+{{- define "vllm-rayservice.appDir" -}}
+/home/ray/vllm-rayservice
+{{- end }}
+
+{{/* The ServiceAccount the Ray pods run as (empty: the namespace default). */}}
+{{- define "vllm-rayservice.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "vllm-rayservice.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret and key holding the endpoint's API key; empty when auth is off. */}}
+{{- define "vllm-rayservice.apiKeySecretName" -}}
+{{- if .Values.serving.apiKey.existingSecret }}
+{{- .Values.serving.apiKey.existingSecret }}
+{{- else if .Values.serving.apiKey.value }}
+{{- printf "%s-api-key" (include "vllm-rayservice.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "vllm-rayservice.apiKeySecretKey" -}}
+{{- if .Values.serving.apiKey.existingSecret }}
+{{- .Values.serving.apiKey.key }}
+{{- else }}
+{{- "api-key" }}
+{{- end }}
+{{- end }}
+
+{{/* The environment variable that carries the API key into the app and the smoke test. */}}
+{{- define "vllm-rayservice.apiKeyEnvName" -}}
+VLLM_RAYSERVICE_API_KEY
+{{- end }}
+
+{{/* The model cache claim (empty when the cache is off). */}}
+{{- define "vllm-rayservice.cacheClaimName" -}}
+{{- if .Values.model.cache.enabled }}
+{{- default (printf "%s-model-cache" (include "vllm-rayservice.fullname" .)) .Values.model.cache.existingClaim }}
+{{- end }}
+{{- end }}
+
+{{/* GPUs one model replica needs: every tensor-parallel shard of every pipeline stage. 0 on CPU workers. */}}
+{{- define "vllm-rayservice.gpusPerReplica" -}}
+{{- if gt (int .Values.workers.gpus) 0 }}
+{{- mul (int .Values.engine.tensorParallelSize) (int .Values.engine.pipelineParallelSize) }}
+{{- else }}
+{{- 0 }}
+{{- end }}
+{{- end }}
+
+{{/* Model replicas that fit on one worker pod: by GPUs, or one per pod on CPU workers. */}}
+{{- define "vllm-rayservice.replicasPerWorker" -}}
+{{- $gpusPerReplica := int (include "vllm-rayservice.gpusPerReplica" .) }}
+{{- if gt $gpusPerReplica 0 }}
+{{- div (int .Values.workers.gpus) $gpusPerReplica }}
+{{- else }}
+{{- 1 }}
+{{- end }}
+{{- end }}
+
+{{/* The fewest and the most model replicas Serve runs. */}}
+{{- define "vllm-rayservice.minModelReplicas" -}}
+{{- if .Values.serving.autoscaling.enabled }}{{ int .Values.serving.autoscaling.minReplicas }}{{ else }}{{ int .Values.serving.replicas }}{{ end }}
+{{- end }}
+
+{{- define "vllm-rayservice.maxModelReplicas" -}}
+{{- if .Values.serving.autoscaling.enabled }}{{ int .Values.serving.autoscaling.maxReplicas }}{{ else }}{{ int .Values.serving.replicas }}{{ end }}
+{{- end }}
+
+{{/* Worker pods needed for n model replicas: ceil(n / replicasPerWorker). Call with (list $ n). */}}
+{{- define "vllm-rayservice.workersFor" -}}
+{{- $root := index . 0 }}
+{{- $replicas := int (index . 1) }}
+{{- $perWorker := int (include "vllm-rayservice.replicasPerWorker" $root) }}
+{{- div (sub (add $replicas $perWorker) 1) $perWorker }}
+{{- end }}
+
+{{/*
+Worker pods KubeRay starts with. Only the first value counts: KubeRay ignores later edits of
+replicas/minReplicas/maxReplicas in a RayService, and Ray's autoscaler moves the count between
+minReplicas and maxReplicas as Serve asks for model replicas.
+*/}}
+{{- define "vllm-rayservice.initialWorkers" -}}
+{{- $needed := int (include "vllm-rayservice.workersFor" (list . (include "vllm-rayservice.minModelReplicas" .))) }}
+{{- max $needed (int .Values.workers.minReplicas) }}
+{{- end }}
+
+{{/*
+The Ray Serve config KubeRay submits to the cluster (spec.serveConfigV2). `args` is the app
+contract (README, "The app contract"): files/vllm_app.py validates it into AppArgs.
+*/}}
+{{- define "vllm-rayservice.serveConfig" -}}
+{{- $model := dict
+  "id" .Values.model.id
+  "servedName" (default .Values.model.id .Values.model.servedName)
+  "revision" .Values.model.revision
+  "trustRemoteCode" .Values.model.trustRemoteCode
+  "chatTemplate" .Values.model.chatTemplate }}
+{{- $engine := dict
+  "dtype" .Values.engine.dtype
+  "maxModelLen" (int .Values.engine.maxModelLen)
+  "gpuMemoryUtilization" .Values.engine.gpuMemoryUtilization
+  "tensorParallelSize" (int .Values.engine.tensorParallelSize)
+  "pipelineParallelSize" (int .Values.engine.pipelineParallelSize)
+  "enforceEager" .Values.engine.enforceEager
+  "extraArgs" .Values.engine.extraArgs }}
+{{- $serving := dict
+  "apiKeyEnv" (ternary (include "vllm-rayservice.apiKeyEnvName" .) "" (ne (include "vllm-rayservice.apiKeySecretName" .) ""))
+  "logPrompts" .Values.serving.logPrompts }}
+{{- $deployment := dict
+  "name" "VLLMServer"
+  "max_ongoing_requests" (int .Values.serving.maxOngoingRequests)
+  "max_queued_requests" (int .Values.serving.maxQueuedRequests)
+  "ray_actor_options" (dict
+    "num_cpus" .Values.serving.replicaCpus
+    "num_gpus" (int (include "vllm-rayservice.gpusPerReplica" .))) }}
+{{- if .Values.serving.autoscaling.enabled }}
+{{- $_ := set $deployment "autoscaling_config" (dict
+  "min_replicas" (int .Values.serving.autoscaling.minReplicas)
+  "max_replicas" (int .Values.serving.autoscaling.maxReplicas)
+  "target_ongoing_requests" .Values.serving.autoscaling.targetOngoingRequests) }}
+{{- else }}
+{{- $_ := set $deployment "num_replicas" (int .Values.serving.replicas) }}
+{{- end }}
+{{- $app := dict
+  "name" "llm"
+  "import_path" "vllm_app:build_app"
+  "route_prefix" "/"
+  "runtime_env" (dict "env_vars" (dict "VLLM_APP_SHA256" (.Files.Get "files/vllm_app.py" | sha256sum)))
+  "args" (dict "model" $model "engine" $engine "serving" $serving)
+  "deployments" (list $deployment) }}
+{{- $config := dict
+  "proxy_location" "EveryNode"
+  "http_options" (dict "host" "0.0.0.0" "port" 8000)
+  "applications" (list $app) }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* Environment every Ray container gets: the app on PYTHONPATH, the HF cache, the secrets. */}}
+{{- define "vllm-rayservice.rayEnv" -}}
+# Kubernetes does not expand the image's own $PYTHONPATH here, so name the app folder alone.
+- name: PYTHONPATH
+  value: {{ include "vllm-rayservice.appDir" . }}
+- name: HF_HOME
+  value: {{ .Values.model.cache.mountPath }}
+{{- if .Values.model.huggingFaceToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.model.huggingFaceToken.existingSecret }}
+      key: {{ .Values.model.huggingFaceToken.key }}
+{{- end }}
+{{- with include "vllm-rayservice.apiKeySecretName" . }}
+- name: {{ include "vllm-rayservice.apiKeyEnvName" $ }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ include "vllm-rayservice.apiKeySecretKey" $ }}
+{{- end }}
+{{- end }}
+
+{{/* Volume mounts every Ray container gets: the app code and, when on, the model cache. */}}
+{{- define "vllm-rayservice.rayVolumeMounts" -}}
+# A directory mount, not subPath, so the kubelet updates the files when the ConfigMap changes.
+- name: app
+  mountPath: {{ include "vllm-rayservice.appDir" . }}
+  readOnly: true
+{{- if .Values.model.cache.enabled }}
+- name: model-cache
+  mountPath: {{ .Values.model.cache.mountPath }}
+{{- end }}
+{{- end }}
+
+{{/* The volumes behind rayVolumeMounts. */}}
+{{- define "vllm-rayservice.rayVolumes" -}}
+- name: app
+  configMap:
+    name: {{ include "vllm-rayservice.appConfigMapName" . }}
+{{- with include "vllm-rayservice.cacheClaimName" . }}
+- name: model-cache
+  persistentVolumeClaim:
+    claimName: {{ . }}
+{{- end }}
+{{- end }}

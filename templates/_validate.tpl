@@ -1,0 +1,38 @@
+{{/*
+Rules that span several values, which values.schema.json cannot express. Each message names the
+keys and says what to change. Rendered (to nothing) at the top of rayservice.yaml.
+*/}}
+{{- define "vllm-rayservice.validate" -}}
+{{- $shards := mul (int .Values.engine.tensorParallelSize) (int .Values.engine.pipelineParallelSize) }}
+{{- $gpus := int .Values.workers.gpus }}
+{{- if and (eq $gpus 0) (gt $shards 1) }}
+{{- fail (printf "engine.tensorParallelSize x engine.pipelineParallelSize is %d, but workers.gpus is 0: parallelism across devices needs GPU workers. Set workers.gpus, or both sizes to 1." $shards) }}
+{{- end }}
+{{- if gt $shards $gpus | and (gt $gpus 0) }}
+{{- fail (printf "a model replica needs engine.tensorParallelSize x engine.pipelineParallelSize = %d GPUs, but a worker pod has workers.gpus = %d: a replica must fit on one worker pod. Raise workers.gpus to at least %d or lower the parallel sizes." $shards $gpus $shards) }}
+{{- end }}
+{{- if and .Values.serving.autoscaling.enabled (gt (int .Values.serving.autoscaling.minReplicas) (int .Values.serving.autoscaling.maxReplicas)) }}
+{{- fail (printf "serving.autoscaling.minReplicas (%d) is larger than serving.autoscaling.maxReplicas (%d)." (int .Values.serving.autoscaling.minReplicas) (int .Values.serving.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- if gt (int .Values.workers.minReplicas) (int .Values.workers.maxReplicas) }}
+{{- fail (printf "workers.minReplicas (%d) is larger than workers.maxReplicas (%d)." (int .Values.workers.minReplicas) (int .Values.workers.maxReplicas)) }}
+{{- end }}
+{{- $maxModelReplicas := int (include "vllm-rayservice.maxModelReplicas" .) }}
+{{- $workersNeeded := int (include "vllm-rayservice.workersFor" (list . $maxModelReplicas)) }}
+{{- if gt $workersNeeded (int .Values.workers.maxReplicas) }}
+{{- $key := ternary "serving.autoscaling.maxReplicas" "serving.replicas" .Values.serving.autoscaling.enabled }}
+{{- fail (printf "%s = %d model replicas need %d worker pods (%s per pod), but workers.maxReplicas is %d. Raise workers.maxReplicas to at least %d or lower %s." $key $maxModelReplicas $workersNeeded (include "vllm-rayservice.replicasPerWorker" .) (int .Values.workers.maxReplicas) $workersNeeded $key) }}
+{{- end }}
+{{- if and .Values.serving.apiKey.existingSecret .Values.serving.apiKey.value }}
+{{- fail "serving.apiKey.existingSecret and serving.apiKey.value are both set: keep the one that holds the key you mean." }}
+{{- end }}
+{{- if and .Values.model.cache.existingClaim (not .Values.model.cache.enabled) }}
+{{- fail "model.cache.existingClaim is set but model.cache.enabled is false: set model.cache.enabled=true to mount it, or drop the claim." }}
+{{- end }}
+{{- if and (ne .Values.service.type "LoadBalancer") .Values.service.loadBalancerSourceRanges }}
+{{- fail (printf "service.loadBalancerSourceRanges only applies to service.type LoadBalancer, not %s." .Values.service.type) }}
+{{- end }}
+{{- if and (eq .Values.service.type "ClusterIP") (not (kindIs "invalid" .Values.service.nodePort)) }}
+{{- fail "service.nodePort needs service.type NodePort or LoadBalancer." }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,75 @@
+"""Offline schema validation of rendered objects: built-in kinds with kubernetes-validate (strict),
+the RayService with jsonschema against KubeRay's CRDs, made strict so unknown fields fail.
+
+The CRDs are read from ../shared/kuberay/ beside the repository, or from the files or folder named
+by VLLM_RAYSERVICE_CRDS (for example your cluster's: kubectl get crd rayservices.ray.io -o yaml).
+"""
+
+import copy
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CRD_DIR = REPO.parent / "shared" / "kuberay"
+# The chart's oldest supported Kubernetes (Chart.yaml kubeVersion) and the newest schemas shipped.
+KUBE_VERSIONS = ["1.25.0", kubernetes_validate.latest_version()]
+
+
+def crd_files() -> list[Path]:
+    named = os.environ.get("VLLM_RAYSERVICE_CRDS")
+    if named:
+        paths = [Path(part) for part in named.split(os.pathsep) if part]
+    else:
+        paths = [DEFAULT_CRD_DIR]
+    files = []
+    for path in paths:
+        files += sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+    return [path for path in files if path.exists()]
+
+
+def crd_missing_reason() -> str:
+    return (f"no RayService CRD found in {DEFAULT_CRD_DIR}; set VLLM_RAYSERVICE_CRDS to a CRD file "
+            "(kubectl get crd rayservices.ray.io -o yaml > rayservice-crd.yaml)")
+
+
+def _strict(schema):
+    """Reject unknown fields at every level, except where the CRD keeps unknown fields on purpose."""
+    if isinstance(schema, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields"):
+            return schema
+        result = {key: _strict(value) for key, value in schema.items()}
+        if "properties" in result and "additionalProperties" not in result:
+            result["additionalProperties"] = False
+        return result
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    return schema
+
+
+@lru_cache(maxsize=None)
+def rayservice_validator(crd_path: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load(Path(crd_path).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+    return jsonschema.Draft7Validator(schema)
+
+
+def rayservice_errors(rayservice: dict, crd_path: Path) -> list[str]:
+    validator = rayservice_validator(str(crd_path))
+    return [f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
+            for error in validator.iter_errors(rayservice)]
+
+
+def validate_builtin(obj: dict, kube_version: str) -> None:
+    kubernetes_validate.validate(obj, kube_version, strict=True)
+
+
+def validate_pod_template(template: dict, kube_version: str) -> None:
+    """A RayService's head/worker template is a core PodTemplateSpec: check it as one."""
+    wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template}
+    kubernetes_validate.validate(wrapper, kube_version, strict=True)

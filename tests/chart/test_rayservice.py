@@ -1,0 +1,323 @@
+"""templates/rayservice.yaml: what a user's values turn into, read as the user's intent."""
+
+import re
+import shutil
+
+import pytest
+import yaml
+
+from tests.chart import kube_schemas
+from tools import chart
+
+
+def _workers(rendered):
+    [group] = rendered.rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return group
+
+
+def _worker_container(rendered):
+    [container] = _workers(rendered)["template"]["spec"]["containers"]
+    return container
+
+
+def _head(rendered):
+    return rendered.rayservice()["spec"]["rayClusterConfig"]["headGroupSpec"]
+
+
+def _head_container(rendered):
+    [container] = _head(rendered)["template"]["spec"]["containers"]
+    return container
+
+
+def _deployment(rendered):
+    [app] = rendered.serve_config()["applications"]
+    [deployment] = app["deployments"]
+    return deployment
+
+
+class TestGuideDefaults:
+    def test_should_reproduce_the_guides_gpu_tolerations_on_workers(self, render):
+        tolerations = _workers(render())["template"]["spec"]["tolerations"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+        assert {"key": "nvidia.com/gpu-type", "operator": "Equal", "value": "nvidia-tesla-t4",
+                "effect": "NoSchedule"} in tolerations
+
+    def test_should_request_and_limit_one_gpu_per_worker(self, render):
+        resources = _worker_container(render())["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == 1
+        assert resources["requests"]["nvidia.com/gpu"] == 1
+        assert resources["limits"]["cpu"] == "2" and resources["limits"]["memory"] == "8Gi"
+
+    def test_should_give_the_head_no_gpus_and_no_replicas(self, render):
+        head = _head(render())
+        assert head["rayStartParams"]["num-gpus"] == "0"
+        assert head["rayStartParams"]["num-cpus"] == "0"
+        assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+        assert "nvidia.com/gpu" not in yaml.safe_dump(head["template"])
+        assert _head_container(render())["resources"]["limits"] == {"cpu": "1", "memory": "4Gi"}
+
+    def test_should_serve_tinyllama_with_the_guides_engine_settings(self, render):
+        args = render().serve_config()["applications"][0]["args"]
+        assert args["model"]["id"] == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+        assert args["engine"]["maxModelLen"] == 2048
+        assert args["engine"]["gpuMemoryUtilization"] == 0.85
+        assert args["engine"]["dtype"] == "float16"
+        assert args["engine"]["tensorParallelSize"] == 1
+
+    def test_should_emit_no_deprecated_or_newer_fields_by_default(self, render):
+        spec = render().rayservice()["spec"]
+        for field in ("serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold",
+                      "upgradeStrategy", "rayClusterDeletionDelaySeconds"):
+            assert field not in spec
+
+
+class TestWorkers:
+    def test_should_take_tolerations_node_selector_and_affinity_from_values(self, render):
+        affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["gpu"]}]}]}}}
+        rendered = render({"workers": {"tolerations": [{"key": "dedicated", "operator": "Exists"}],
+                                       "nodeSelector": {"pool": "gpu"}, "affinity": affinity}})
+        spec = _workers(rendered)["template"]["spec"]
+        assert spec["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
+        assert spec["nodeSelector"] == {"pool": "gpu"}
+        assert spec["affinity"] == affinity
+
+    def test_should_add_the_gpu_count_to_custom_resources(self, render):
+        rendered = render({"workers": {"gpus": 4, "gpuResourceName": "amd.com/gpu",
+                                       "resources": {"limits": {"cpu": "8"}, "requests": {"cpu": "4"}}}})
+        resources = _worker_container(rendered)["resources"]
+        # Helm merges the user's map into the defaults, so the default memory stays.
+        assert resources == {"limits": {"cpu": "8", "memory": "8Gi", "amd.com/gpu": 4},
+                             "requests": {"cpu": "4", "memory": "8Gi", "amd.com/gpu": 4}}
+        assert _workers(rendered)["rayStartParams"]["num-gpus"] == "4"
+
+    def test_cpu_workers_should_request_no_gpu(self, render):
+        rendered = render({"workers": {"gpus": 0, "tolerations": []}})
+        assert "gpu" not in yaml.safe_dump(_worker_container(rendered)["resources"])
+        assert _deployment(rendered)["ray_actor_options"]["num_gpus"] == 0
+
+    def test_should_check_only_raylet_health_for_readiness(self, render):
+        probe = _worker_container(render())["readinessProbe"]
+        command = " ".join(probe["exec"]["command"])
+        assert "local_raylet_healthz" in command
+        assert "-/healthz" not in command  # the Serve proxy check that keeps idle workers NotReady
+
+    def test_should_stop_ray_before_the_pod_goes(self, render):
+        assert "ray stop" in " ".join(_worker_container(render())["lifecycle"]["preStop"]["exec"]["command"])
+
+    def test_should_mount_a_memory_backed_dev_shm_sized_from_values(self, render):
+        rendered = render({"workers": {"shmSize": "16Gi"}})
+        volumes = {v["name"]: v for v in _workers(rendered)["template"]["spec"]["volumes"]}
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+        mounts = {m["name"]: m["mountPath"] for m in _worker_container(rendered)["volumeMounts"]}
+        assert mounts["dshm"] == "/dev/shm"
+
+    @pytest.mark.parametrize("group", ["head", "workers"])
+    def test_should_pass_pod_plumbing_through(self, render, group):
+        values = {group: {
+            "env": [{"name": "EXTRA", "value": "1"}],
+            "podLabels": {"team": "ml"}, "podAnnotations": {"note": "x"},
+            "priorityClassName": "high", "podSecurityContext": {"fsGroup": 100},
+            "securityContext": {"allowPrivilegeEscalation": False},
+            "extraVolumes": [{"name": "scratch", "emptyDir": {}}],
+            "extraVolumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+        }, "imagePullSecrets": [{"name": "registry"}]}
+        rendered = render(values)
+        spec = rendered.rayservice()["spec"]["rayClusterConfig"]
+        template = (spec["headGroupSpec"] if group == "head" else spec["workerGroupSpecs"][0])["template"]
+        [container] = template["spec"]["containers"]
+        assert {"name": "EXTRA", "value": "1"} in container["env"]
+        assert template["metadata"]["labels"]["team"] == "ml"
+        assert template["metadata"]["annotations"] == {"note": "x"}
+        assert template["spec"]["priorityClassName"] == "high"
+        assert template["spec"]["securityContext"] == {"fsGroup": 100}
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False}
+        assert {"name": "scratch", "emptyDir": {}} in template["spec"]["volumes"]
+        assert {"name": "scratch", "mountPath": "/scratch"} in container["volumeMounts"]
+        assert template["spec"]["imagePullSecrets"] == [{"name": "registry"}]
+
+    def test_should_use_the_image_from_values_on_every_ray_container(self, render):
+        rendered = render({"image": {"repository": "registry.local/ray-llm", "tag": "custom", "pullPolicy": "Always"}})
+        for container in (_head_container(rendered), _worker_container(rendered)):
+            assert container["image"] == "registry.local/ray-llm:custom"
+            assert container["imagePullPolicy"] == "Always"
+
+
+class TestAppMount:
+    @pytest.mark.parametrize("container_of", [_head_container, _worker_container], ids=["head", "worker"])
+    def test_should_mount_the_app_configmap_as_a_directory_on_pythonpath(self, render, container_of):
+        rendered = render()
+        container = container_of(rendered)
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == "app"]
+        assert "subPath" not in mount  # subPath mounts never see ConfigMap updates
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["PYTHONPATH"] == mount["mountPath"]
+        assert "$" not in env["PYTHONPATH"]  # Kubernetes would leave a literal $PYTHONPATH
+        configmap = rendered.one("ConfigMap")
+        assert set(configmap["data"]) == {"vllm_app.py", "smoke_test.py"}
+
+    def test_configmap_should_hold_the_files_verbatim(self, render):
+        data = render().one("ConfigMap")["data"]
+        assert data["vllm_app.py"] == (chart.CHART_DIR / "files" / "vllm_app.py").read_text().rstrip("\n")
+        assert data["smoke_test.py"] == (chart.CHART_DIR / "files" / "smoke_test.py").read_text().rstrip("\n")
+
+
+class TestServeConfig:
+    def test_should_run_one_app_at_the_root_from_the_configmap_module(self, render):
+        config = render().serve_config()
+        [app] = config["applications"]
+        assert (app["name"], app["import_path"], app["route_prefix"]) == ("llm", "vllm_app:build_app", "/")
+        assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+
+    def test_should_carry_model_engine_and_serving_settings_in_args(self, render):
+        rendered = render({
+            "model": {"id": "org/model", "servedName": "chat", "revision": "v2", "trustRemoteCode": True,
+                      "chatTemplate": "{{ messages }}"},
+            "engine": {"dtype": "bfloat16", "maxModelLen": 4096, "gpuMemoryUtilization": 0.9,
+                       "enforceEager": True, "extraArgs": {"max_num_seqs": 32}},
+            "serving": {"logPrompts": True},
+        })
+        args = rendered.serve_config()["applications"][0]["args"]
+        assert args["model"] == {"id": "org/model", "servedName": "chat", "revision": "v2",
+                                 "trustRemoteCode": True, "chatTemplate": "{{ messages }}"}
+        assert args["engine"]["dtype"] == "bfloat16" and args["engine"]["maxModelLen"] == 4096
+        assert args["engine"]["enforceEager"] is True
+        assert args["engine"]["extraArgs"] == {"max_num_seqs": 32}
+        assert args["serving"] == {"apiKeyEnv": "", "logPrompts": True}
+
+    def test_served_name_should_default_to_the_model_id(self, render):
+        args = render({"model": {"id": "org/model"}}).serve_config()["applications"][0]["args"]
+        assert args["model"]["servedName"] == "org/model"
+
+    def test_should_reserve_the_gpus_of_every_shard_for_a_replica(self, render):
+        rendered = render({"engine": {"tensorParallelSize": 2, "pipelineParallelSize": 2}, "workers": {"gpus": 4}})
+        assert _deployment(rendered)["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 4}
+
+    def test_should_pass_queue_limits_to_serve(self, render):
+        deployment = _deployment(render({"serving": {"maxOngoingRequests": 32, "maxQueuedRequests": 10}}))
+        assert deployment["max_ongoing_requests"] == 32
+        assert deployment["max_queued_requests"] == 10
+
+    def test_should_keep_a_multiline_chat_template_intact(self, render):
+        template = "{% for m in messages %}\n<|{{ m['role'] }}|>: {{ m['content'] }}\n{% endfor %}\"quoted\""
+        args = render({"model": {"chatTemplate": template}}).serve_config()["applications"][0]["args"]
+        assert args["model"]["chatTemplate"] == template
+
+
+class TestScaling:
+    def test_replicas_should_drive_serve_replicas(self, render):
+        assert _deployment(render({"serving": {"replicas": 3}}))["num_replicas"] == 3
+
+    def test_one_value_should_scale_from_one_to_three_replicas_and_back(self, render):
+        one, three = render({"serving": {"replicas": 1}}), render({"serving": {"replicas": 3}})
+        assert (_deployment(one)["num_replicas"], _deployment(three)["num_replicas"]) == (1, 3)
+        # The only change is inside serveConfigV2, which KubeRay applies in place: the cluster spec
+        # KubeRay hashes stays equal, so no second cluster is built.
+        def cluster_without_counts(rendered):
+            group = dict(_workers(rendered))
+            for key in ("replicas", "minReplicas", "maxReplicas"):
+                group.pop(key)
+            return group, _head(rendered)
+        assert cluster_without_counts(one) == cluster_without_counts(three)
+
+    def test_autoscaling_should_replace_fixed_replicas(self, render):
+        deployment = _deployment(render({"serving": {"autoscaling": {
+            "enabled": True, "minReplicas": 1, "maxReplicas": 4, "targetOngoingRequests": 8}}}))
+        assert "num_replicas" not in deployment
+        assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4,
+                                                    "target_ongoing_requests": 8}
+
+    def test_should_turn_on_rays_autoscaler_with_room_for_the_most_replicas(self, render):
+        rendered = render({"serving": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}}})
+        cluster = rendered.rayservice()["spec"]["rayClusterConfig"]
+        assert cluster["enableInTreeAutoscaling"] is True
+        group = _workers(rendered)
+        assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (0, 2, 4)
+
+    def test_should_pack_several_replicas_on_a_multi_gpu_worker(self, render):
+        rendered = render({"workers": {"gpus": 4, "maxReplicas": 1}, "serving": {"replicas": 4}})
+        assert _workers(rendered)["replicas"] == 1
+
+    def test_should_start_with_at_least_the_minimum_workers(self, render):
+        group = _workers(render({"workers": {"minReplicas": 2}, "serving": {"replicas": 1}}))
+        assert group["replicas"] == 2
+
+
+class TestUpgrades:
+    def test_should_emit_upgrade_fields_only_when_set(self, render):
+        spec = render({"cluster": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+                                   "rayClusterDeletionDelaySeconds": 30}}).rayservice()["spec"]
+        assert spec["upgradeStrategy"] == {"type": "NewClusterWithIncrementalUpgrade"}
+        assert spec["rayClusterDeletionDelaySeconds"] == 30
+
+    @pytest.mark.skipif(not kube_schemas.crd_files(), reason=kube_schemas.crd_missing_reason())
+    def test_upgrade_fields_should_be_valid_where_kuberay_has_them(self, render):
+        rayservice = render({"cluster": {"upgradeStrategy": "None", "rayClusterDeletionDelaySeconds": 30}}).rayservice()
+        by_version = {path.name: kube_schemas.rayservice_errors(rayservice, path) for path in kube_schemas.crd_files()}
+        for name, errors in by_version.items():
+            if "v1.7.0" in name:
+                assert errors == []
+            if "v1.1.0" in name:  # no upgradeStrategy yet: the strict check says so
+                assert any("upgradeStrategy" in error for error in errors)
+
+    def test_code_change_should_change_only_the_serve_config_hash(self, tmp_path):
+        copy = tmp_path / "chart"
+        shutil.copytree(chart.CHART_DIR, copy, ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".cache", "build", "tests", "__pycache__"))
+        before = chart.render(chart_dir=copy)
+        app_file = copy / "files" / "vllm_app.py"
+        app_file.write_text(app_file.read_text() + "\n# a change\n")
+        after = chart.render(chart_dir=copy)
+
+        def code_hash(rendered):
+            return rendered.serve_config()["applications"][0]["runtime_env"]["env_vars"]["VLLM_APP_SHA256"]
+
+        assert re.fullmatch(r"[0-9a-f]{64}", code_hash(before))
+        assert code_hash(before) != code_hash(after)
+        # A pod-template change would make KubeRay build a second GPU cluster; a code change must not.
+        assert before.rayservice()["spec"]["rayClusterConfig"] == after.rayservice()["spec"]["rayClusterConfig"]
+
+    def test_code_hash_should_be_the_sha256_of_the_shipped_app(self, render):
+        import hashlib
+
+        expected = hashlib.sha256((chart.CHART_DIR / "files" / "vllm_app.py").read_bytes()).hexdigest()
+        env = render().serve_config()["applications"][0]["runtime_env"]["env_vars"]
+        assert env["VLLM_APP_SHA256"] == expected
+
+
+class TestNamesAndLabels:
+    def test_should_name_objects_after_the_release(self, render):
+        rendered = render(release="chat")
+        assert rendered.rayservice()["metadata"]["name"] == "chat-vllm-rayservice"
+        assert rendered.rayservice()["spec"]["serveService"]["metadata"]["name"] == "chat-vllm-rayservice-serve-svc"
+
+    def test_should_not_repeat_the_chart_name_already_in_the_release(self, render):
+        assert render(release="vllm-rayservice-prod").rayservice()["metadata"]["name"] == "vllm-rayservice-prod"
+
+    def test_names_should_fit_kuberay_and_kubernetes_limits_for_a_long_release(self, render):
+        rendered = render({"serviceAccount": {"create": True}, "serving": {"apiKey": {"value": "k"}},
+                           "model": {"cache": {"enabled": True}}}, release="r" * 53)
+        rayservice = rendered.rayservice()["metadata"]["name"]
+        assert len(rayservice) <= 47  # KubeRay's MaxRayServiceNameLength
+        names = [obj["metadata"]["name"] for obj in rendered.objects]
+        names.append(rendered.rayservice()["spec"]["serveService"]["metadata"]["name"])
+        assert all(len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) for name in names), names
+
+    def test_every_object_should_carry_the_standard_labels(self, render):
+        rendered = render({"serviceAccount": {"create": True}, "serving": {"apiKey": {"value": "k"}},
+                           "model": {"cache": {"enabled": True}}}, release="lbl")
+        for obj in rendered.objects:
+            labels = obj["metadata"]["labels"]
+            assert labels["app.kubernetes.io/name"] == "vllm-rayservice"
+            assert labels["app.kubernetes.io/instance"] == "lbl"
+            assert labels["app.kubernetes.io/managed-by"] == "Helm"
+            assert labels["helm.sh/chart"].startswith("vllm-rayservice-")
+            assert "app.kubernetes.io/version" in labels
+
+    def test_pods_should_carry_only_the_selector_labels_and_their_component(self, render):
+        rendered = render(release="lbl")
+        for template, component in ((_head(rendered)["template"], "ray-head"),
+                                    (_workers(rendered)["template"], "ray-worker")):
+            assert template["metadata"]["labels"] == {"app.kubernetes.io/name": "vllm-rayservice",
+                                                      "app.kubernetes.io/instance": "lbl",
+                                                      "app.kubernetes.io/component": component}

@@ -1,0 +1,65 @@
+"""Bad values fail at `helm install` time, and the message names the key to fix."""
+
+import pytest
+
+from tools import chart
+
+# (values, text the error must contain: the key, and where useful what to do)
+BAD_VALUES = [
+    pytest.param({"modle": {"id": "x"}}, "modle", id="typo-top-level-key"),
+    pytest.param({"model": {"idd": "x"}}, "idd", id="typo-nested-key"),
+    pytest.param({"workers": {"gpu": 1}}, "gpu", id="typo-workers-gpu"),
+    pytest.param({"model": {"id": ""}}, "/model/id", id="empty-model-id"),
+    pytest.param({"workers": {"gpus": -1}}, "/workers/gpus", id="negative-gpus"),
+    pytest.param({"workers": {"gpus": "one"}}, "/workers/gpus", id="gpus-not-a-number"),
+    pytest.param({"engine": {"maxModelLen": "2048"}}, "/engine/maxModelLen", id="context-as-string"),
+    pytest.param({"engine": {"gpuMemoryUtilization": 1.5}}, "/engine/gpuMemoryUtilization", id="gpu-memory-over-1"),
+    pytest.param({"engine": {"dtype": "fp8"}}, "/engine/dtype", id="unknown-dtype"),
+    pytest.param({"engine": {"tensorParallelSize": 0}}, "/engine/tensorParallelSize", id="zero-tensor-parallel"),
+    pytest.param({"service": {"type": "Ingress"}}, "/service/type", id="unknown-service-type"),
+    pytest.param({"service": {"port": 70000}}, "/service/port", id="port-out-of-range"),
+    pytest.param({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy", id="unknown-pull-policy"),
+    pytest.param({"cluster": {"upgradeStrategy": "BlueGreen"}}, "/cluster/upgradeStrategy", id="unknown-upgrade-strategy"),
+    pytest.param({"serving": {"replicas": -1}}, "/serving/replicas", id="negative-replicas"),
+    pytest.param({"serving": {"maxQueuedRequests": -5}}, "/serving/maxQueuedRequests", id="queue-below-minus-one"),
+    pytest.param({"workers": {"tolerations": [{"key": "x", "operatr": "Exists"}]}}, "operatr", id="typo-in-toleration"),
+    pytest.param({"workers": {"resources": {"limit": {"cpu": "1"}}}}, "limit", id="typo-resources-limits"),
+    pytest.param({"workers": {"resources": {"limits": {"memory": "eight gigs"}}}}, "/workers/resources/limits/memory",
+                 id="bad-quantity"),
+    pytest.param({"workers": {"groupName": "GPU_Workers"}}, "/workers/groupName", id="group-name-not-dns"),
+    pytest.param({"fullnameOverride": "x" * 60}, "/fullnameOverride", id="fullname-over-kuberay-limit"),
+    # Rules across keys (templates/_validate.tpl): the message says what to change.
+    pytest.param({"engine": {"tensorParallelSize": 2}}, "Raise workers.gpus to at least 2", id="tp-larger-than-gpus"),
+    pytest.param({"engine": {"tensorParallelSize": 2, "pipelineParallelSize": 2}, "workers": {"gpus": 2}},
+                 "engine.tensorParallelSize x engine.pipelineParallelSize = 4", id="tp-times-pp-larger-than-gpus"),
+    pytest.param({"engine": {"tensorParallelSize": 2}, "workers": {"gpus": 0}}, "workers.gpus is 0", id="tp-on-cpu"),
+    pytest.param({"serving": {"replicas": 5}}, "Raise workers.maxReplicas to at least 5", id="replicas-beyond-workers"),
+    pytest.param({"serving": {"autoscaling": {"enabled": True, "maxReplicas": 9}}},
+                 "serving.autoscaling.maxReplicas = 9", id="autoscaling-beyond-workers"),
+    pytest.param({"serving": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 2}}},
+                 "serving.autoscaling.minReplicas (3) is larger", id="autoscaling-min-over-max"),
+    pytest.param({"workers": {"minReplicas": 5, "maxReplicas": 4}}, "workers.minReplicas (5)", id="workers-min-over-max"),
+    pytest.param({"serving": {"apiKey": {"existingSecret": "s", "value": "k"}}}, "serving.apiKey.existingSecret",
+                 id="two-api-key-sources"),
+    pytest.param({"model": {"cache": {"existingClaim": "c"}}}, "model.cache.enabled", id="claim-without-cache"),
+    pytest.param({"service": {"loadBalancerSourceRanges": ["10.0.0.0/8"]}}, "service.loadBalancerSourceRanges",
+                 id="source-ranges-without-load-balancer"),
+    pytest.param({"service": {"nodePort": 30000}}, "service.nodePort", id="node-port-on-cluster-ip"),
+]
+
+
+@pytest.mark.parametrize("values, names", BAD_VALUES)
+def test_bad_values_should_fail_with_the_key_named(values, names):
+    with pytest.raises(chart.ChartError) as failure:
+        chart.render(values)
+    assert names in str(failure.value)
+
+
+def test_set_syntax_should_be_validated_too():
+    with pytest.raises(chart.ChartError, match="/serving/replicas"):
+        chart.render(set_values=["serving.replicas=many"])
+
+
+def test_values_from_set_should_scale_like_values_files():
+    rendered = chart.render(set_values=["serving.replicas=3"])
+    assert rendered.serve_config()["applications"][0]["deployments"][0]["num_replicas"] == 3

@@ -1,0 +1,266 @@
+"""Run the chart's serving app on a local Ray, the way KubeRay runs it on a cluster.
+
+    python -m tools.serve_local [-f VALUES]... [--set KEY=VALUE]... [--model ID_OR_PATH] [--port 8000]
+
+1. Renders the chart with the values given (default: ci/05-cpu-kind-values.yaml, the CPU profile) and
+   takes the RayService's serveConfigV2: the same template a cluster gets.
+2. With no --model, builds the tiny demo model locally (tools/tiny_model.py), so it works offline.
+3. Starts a local Ray (head only, loopback only, dashboard on 127.0.0.1) with files/ on PYTHONPATH,
+   as the chart's ConfigMap mount does on the pods.
+4. Submits the config to the dashboard's Serve REST API (`PUT /api/serve/applications/`), as KubeRay
+   does, and polls the application status until RUNNING.
+5. Serves the OpenAI endpoint on 127.0.0.1:PORT until Ctrl-C, then stops everything it started.
+
+What differs from a cluster: one Ray node instead of a head plus autoscaled workers (so the
+chart's worker/autoscaler settings do not apply), the API key comes from the values or the
+environment instead of a Secret, and the Serve proxy listens on 127.0.0.1 instead of 0.0.0.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from tools import chart, tiny_model
+
+REPO = chart.CHART_DIR
+DEFAULT_VALUES = REPO / "ci" / "05-cpu-kind-values.yaml"
+DEMO_MODEL_DIR = REPO / "build" / "tiny-llama"
+API_KEY_ENV = "VLLM_RAYSERVICE_API_KEY"  # the name templates/_helpers.tpl gives the key's env var
+
+
+class LocalServeError(Exception):
+    pass
+
+
+def local_serve_config(values_files=(), set_values=(), model: Optional[str] = None,
+                       port: int = 8000, values: Optional[dict] = None) -> tuple[dict, dict]:
+    """The chart's serveConfigV2 for a local run, and the merged values it came from."""
+    overrides = dict(values or {})
+    if model:
+        overrides = chart.deep_merge(overrides, {"model": {"id": model}})
+    rendered = chart.render(overrides, values_files=values_files, set_values=set_values, release="local")
+    config = rendered.serve_config()
+    # The only change to the rendered config: listen on loopback, on the port asked for.
+    config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
+    merged = chart.deep_merge(chart.load_values_files(values_files), overrides)
+    return config, merged
+
+
+class LocalServe:
+    """A local Ray with the dashboard, running one serveConfigV2. Use as a context manager."""
+
+    def __init__(self, config: dict, *, api_key: Optional[str] = None, dashboard_port: int = 8265,
+                 num_cpus: int = 2, extra_env: Optional[dict] = None):
+        self.config = config
+        self.api_key = api_key
+        self.dashboard_port = dashboard_port
+        self.num_cpus = num_cpus
+        self.extra_env = extra_env or {}
+        self.port = config["http_options"]["port"]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        self._temp_dir: Optional[str] = None
+        self._saved_env: dict = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def __enter__(self) -> "LocalServe":
+        try:
+            self.start_ray()
+            self.submit()
+            self.wait_running()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _environment(self) -> dict:
+        # Short temp path: Ray puts Unix sockets there, and their paths are length-limited.
+        self._temp_dir = tempfile.mkdtemp(prefix="vrs-", dir="/tmp")
+        cache = REPO / ".cache"
+        env = {
+            # Ray 2.60 turns token auth on by default; this cluster is loopback-only and short-lived.
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Workers import vllm_app from here, as pods do from the ConfigMap mount.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "files"), os.environ.get("PYTHONPATH")])),
+            "VLLM_CACHE_ROOT": str(cache / "vllm"),
+            "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),
+            "TMPDIR": self._temp_dir,
+            "RAY_TMPDIR": self._temp_dir,
+            # vLLM's CPU backend otherwise reserves most of the RAM for KV cache.
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "VLLM_NO_USAGE_STATS": "1",
+        }
+        if self.api_key:
+            env[API_KEY_ENV] = self.api_key
+        env.update(self.extra_env)
+        return env
+
+    def start_ray(self) -> None:
+        import ray
+
+        for name, value in self._environment().items():
+            self._saved_env[name] = os.environ.get(name)
+            os.environ[name] = value
+        ray.init(
+            address="local",  # never join a stale cluster from an earlier run
+            num_cpus=self.num_cpus,
+            num_gpus=0,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=self.dashboard_port,
+            object_store_memory=256 * 1024 * 1024,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=self._temp_dir,
+            log_to_driver=False,
+        )
+        self._wait_for_dashboard()
+
+    def _wait_for_dashboard(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self._request("GET", "/api/serve/applications/")
+                return
+            except (urllib.error.URLError, OSError, LocalServeError):
+                time.sleep(1)
+        raise LocalServeError(f"Ray's dashboard did not answer on {self.dashboard_url} in {timeout:.0f}s")
+
+    def submit(self) -> None:
+        """What KubeRay does with serveConfigV2: PUT it to the dashboard's Serve REST API."""
+        self._request("PUT", "/api/serve/applications/", self.config)
+
+    def status(self) -> dict:
+        return self._request("GET", "/api/serve/applications/")
+
+    def wait_running(self, timeout: float = 600) -> dict:
+        names = [app["name"] for app in self.config["applications"]]
+        deadline = time.monotonic() + timeout
+        last = {}
+        while time.monotonic() < deadline:
+            apps = self.status().get("applications", {})
+            last = {name: apps.get(name, {}).get("status") for name in names}
+            failed = [name for name, status in last.items() if status in ("DEPLOY_FAILED", "UNHEALTHY")]
+            if failed:
+                app = apps[failed[0]]
+                details = [app.get("message", "")] + [
+                    f"{name}: {deployment.get('message', '')}"
+                    for name, deployment in app.get("deployments", {}).items() if deployment.get("message")]
+                raise LocalServeError(f"application {failed[0]} is {last[failed[0]]}: " + "\n".join(details))
+            if all(status == "RUNNING" for status in last.values()):
+                return apps
+            time.sleep(1)
+        raise LocalServeError(f"applications not RUNNING after {timeout:.0f}s: {last}")
+
+    def stop(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            try:
+                self._request("DELETE", "/api/serve/applications/")
+            except Exception:  # the cluster is going away regardless
+                pass
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            except Exception:
+                pass
+            ray.shutdown()
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._saved_env = {}
+        if self._temp_dir:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
+
+    def _request(self, method: str, path: str, body: Optional[dict] = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.dashboard_url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as error:
+            raise LocalServeError(f"{method} {path}: HTTP {error.code}: {error.read().decode()[:1000]}") from None
+        return json.loads(text) if text.strip() else {}
+
+
+def api_key_from(values: dict) -> Optional[str]:
+    """The key the app will demand: the values' own, or (for an existingSecret) the environment's."""
+    key_values = values.get("serving", {}).get("apiKey", {})
+    if key_values.get("existingSecret"):
+        if not os.environ.get(API_KEY_ENV):
+            raise LocalServeError(f"serving.apiKey.existingSecret is set, and a local run cannot read "
+                                  f"Secrets: export {API_KEY_ENV} with the key.")
+        return os.environ[API_KEY_ENV]
+    return key_values.get("value") or None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-f", "--values", action="append", default=None,
+                        help=f"values file (repeatable; default {DEFAULT_VALUES.relative_to(REPO)})")
+    parser.add_argument("--set", action="append", default=[], dest="set_values", help="KEY=VALUE, as helm")
+    parser.add_argument("--model", help="model id or path (default: build and serve the tiny demo model)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dashboard-port", type=int, default=8265)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args(argv)
+
+    values_files = args.values or [DEFAULT_VALUES]
+    model = args.model
+    extra_env = {}
+    if not model:
+        print(f"Building the tiny demo model in {DEMO_MODEL_DIR} ...", flush=True)
+        model = str(tiny_model.build(DEMO_MODEL_DIR))
+        extra_env["HF_HUB_OFFLINE"] = "1"
+    try:
+        config, values = local_serve_config(values_files, args.set_values, model, args.port)
+        api_key = api_key_from(values)
+    except (chart.ChartError, LocalServeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    served = config["applications"][0]["args"]["model"]["servedName"]
+    print(f"Starting Ray and deploying {served} (first start takes a minute) ...", flush=True)
+    try:
+        with LocalServe(config, api_key=api_key, dashboard_port=args.dashboard_port,
+                        num_cpus=args.num_cpus, extra_env=extra_env) as server:
+            auth = ' -H "Authorization: Bearer $VLLM_RAYSERVICE_API_KEY"' if api_key else ""
+            print(f"\nServing {served} on {server.url} (Ctrl-C stops it). Try:\n"
+                  f"  curl {server.url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+                  f"    -d '{{\"model\": \"{served}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",
+                  flush=True)
+            stop.wait()
+            print("Stopping ...", flush=True)
+    except LocalServeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
