@@ -200,13 +200,19 @@ class OpenAIError(Exception):
 
 
 def _from_validation_error(error: ValidationError) -> OpenAIError:
-    first = error.errors()[0]
-    if first["type"] == "json_invalid":
-        return OpenAIError(400, f"The request body is not valid JSON: {first['msg']}", code="invalid_json")
-    param = ".".join(str(part) for part in first["loc"]) or None
-    # Strict unions report one error per alternative; the first says enough.
-    message = f"Invalid value for '{param}': {first['msg']}" if param else first["msg"]
+    errors = error.errors()
+    if errors[0]["type"] == "json_invalid":
+        return OpenAIError(400, f"The request body is not valid JSON: {errors[0]['msg']}", code="invalid_json")
+    # A union reports one error per alternative; the deepest one is the most specific.
+    worst = max(errors, key=lambda e: len(e["loc"]))
+    param = ".".join(str(part) for part in worst["loc"] if not _is_union_tag(part)) or None
+    message = f"Invalid value for '{param}': {worst['msg']}" if param else worst["msg"]
     return OpenAIError(400, message, param=param, code="invalid_value")
+
+
+def _is_union_tag(part) -> bool:
+    """Pydantic names union alternatives in error locations ('str', 'list[TextPart]'): not fields."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none"))
 
 
 def _from_engine_error(error: Exception) -> OpenAIError:
@@ -274,6 +280,9 @@ class VLLMEngine:
     async def check_health(self) -> None:
         await self.engine.check_health()
 
+    def unfinished_requests(self) -> int:
+        return self.engine.get_num_unfinished_requests()
+
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
@@ -329,7 +338,8 @@ def _check_unsupported(body: _SamplingRequest) -> None:
                           code="unsupported_parameter")
 
 
-def _fit_max_tokens(prompt_tokens: int, requested: Optional[int], max_model_len: int, param: str) -> int:
+def _fit_max_tokens(prompt_tokens: int, requested: Optional[int], max_model_len: int, param: str,
+                    prompt_param: str) -> int:
     """How many tokens a completion may have: what was asked for, or whatever the context has left."""
     room = max_model_len - prompt_tokens
     if room <= 0:
@@ -337,7 +347,7 @@ def _fit_max_tokens(prompt_tokens: int, requested: Optional[int], max_model_len:
             400,
             f"The prompt has {prompt_tokens} tokens, but the model's context is {max_model_len} tokens. "
             "Shorten the prompt.",
-            param="messages" if param == "max_completion_tokens" else "prompt",
+            param=prompt_param,
             code="context_length_exceeded",
         )
     if requested is None:
@@ -482,10 +492,6 @@ async def _close(generator) -> None:
             pass
 
 
-def _id_header(request: Request) -> dict:
-    return {"X-Request-Id": request.headers.get("x-request-id") or uuid.uuid4().hex}
-
-
 class _RequestLog:
     """One log line per request: id, route, status, token counts, latency; prompt text only if enabled."""
 
@@ -574,8 +580,9 @@ class VLLMServer:
         await self.engine.check_health()
 
     def get_stats(self) -> dict:
-        """Request counters, for operators and tests (through a Serve handle, not HTTP)."""
-        return dict(self.stats)
+        """Request counters and the engine's unfinished requests, for operators and tests (through
+        a Serve handle, not HTTP)."""
+        return {**self.stats, "engine_unfinished": self.engine.unfinished_requests()}
 
     def __del__(self):
         if getattr(self, "engine", None) is not None:
@@ -596,7 +603,7 @@ class VLLMServer:
         self._authorize(request)
         card = {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "vllm-rayservice", "root": self.args.model.id}
-        return JSONResponse({"object": "list", "data": [card]}, headers=_id_header(request))
+        return JSONResponse({"object": "list", "data": [card]})
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -618,7 +625,8 @@ class VLLMServer:
             raise OpenAIError(400, f"The chat template rejected these messages: {error}",
                               param="messages", code="invalid_messages") from None
         max_tokens = _fit_max_tokens(len(prompt_ids), body.requested_max_tokens(), engine.max_model_len,
-                                     "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+                                     "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+                                     prompt_param="messages")
         completion = Completion("chat", self.model_name, body.n, len(prompt_ids))
         return await self._complete(request, engine, body, completion, [prompt_ids], max_tokens, started,
                                     prompt_text=messages)
@@ -637,7 +645,7 @@ class VLLMServer:
                               param="prompt", code="unsupported_parameter")
         prompt_ids = [engine.encode(prompt) for prompt in prompts]
         max_tokens = min(_fit_max_tokens(len(ids), body.requested_max_tokens(), engine.max_model_len,
-                                         "max_tokens") for ids in prompt_ids)
+                                         "max_tokens", prompt_param="prompt") for ids in prompt_ids)
         completion = Completion("text", self.model_name, body.n * len(prompts), sum(map(len, prompt_ids)))
         return await self._complete(request, engine, body, completion, prompt_ids, max_tokens, started,
                                     prompt_text=prompts)
@@ -647,13 +655,13 @@ class VLLMServer:
     async def _complete(self, request, engine, body, completion, prompt_ids_list, max_tokens, started,
                         prompt_text) -> Response:
         params = engine.sampling_params(**_sampling_kwargs(body, max_tokens))
+        # Ray Serve's proxy already echoes X-Request-Id (or makes one) on every response; log the same id.
         request_id = request.headers.get("x-request-id") or completion.id
-        headers = {"X-Request-Id": request_id}
         self.stats["requests"] += 1
         log = _RequestLog(request_id, request.url.path, completion, started,
                           prompt_text if self.args.serving.log_prompts else None)
         if body.stream:
-            return await self._stream(engine, body, completion, prompt_ids_list[0], params, headers, log)
+            return await self._stream(engine, body, completion, prompt_ids_list[0], params, log)
 
         outputs = []
         self.stats["in_flight"] += 1
@@ -673,9 +681,9 @@ class VLLMServer:
             self.stats["in_flight"] -= 1
         answer = completion.response(outputs)
         log.finish(200)
-        return JSONResponse(answer, headers=headers)
+        return JSONResponse(answer)
 
-    async def _stream(self, engine, body, completion, prompt_ids, params, headers, log) -> Response:
+    async def _stream(self, engine, body, completion, prompt_ids, params, log) -> Response:
         generator = engine.generate(prompt_ids, params, completion.id)
         self.stats["in_flight"] += 1
         # Wait for the first output before answering, so that an engine error still becomes a
@@ -731,7 +739,7 @@ class VLLMServer:
                 log.finish(status)
             yield SSE_DONE
 
-        return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(frames(), media_type="text/event-stream")
 
     # -- Checks ------------------------------------------------------------------------------
 

@@ -82,3 +82,10 @@ def test_every_ci_scenario_should_validate_against_the_schema(scenario):
     values = chart.load_values_files([scenario])
     loaded = helm_python.Chart.load(str(REPO))
     loaded.validate_schema(loaded.merge_values(values) if hasattr(loaded, "merge_values") else values)
+
+
+def test_readme_values_reference_should_match_values_yaml():
+    from tools import values_doc
+
+    readme = (REPO / "README.md").read_text()
+    assert values_doc.readme_with_table(readme) == readme, "README values reference is stale: run `make docs`"

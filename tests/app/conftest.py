@@ -1,0 +1,81 @@
+"""The app under test: the chart's own serveConfigV2 (CPU profile), submitted to a real local Ray
+through the dashboard's REST API as KubeRay does, serving the tiny model on the real vLLM CPU engine.
+
+One server per test session (engine start costs ~30 s). Its settings are the CPU scenario's, plus
+what these tests need: an API key, a queue limit small enough to overflow, and a longer context.
+"""
+
+import socket
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tools import serve_local, tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "test-key-0123456789"
+SERVED_NAME = "tiny-llama"
+MAX_ONGOING = 16
+MAX_QUEUED = 16  # Serve counts a burst waiting for assignment here, so it must hold a burst
+MAX_MODEL_LEN = 2048
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return tiny_model.build(REPO / "build" / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir):
+    values = {
+        "model": {"servedName": SERVED_NAME},
+        "engine": {"maxModelLen": MAX_MODEL_LEN},
+        "serving": {"apiKey": {"value": API_KEY}, "maxOngoingRequests": MAX_ONGOING,
+                    "maxQueuedRequests": MAX_QUEUED},
+    }
+    config, merged = serve_local.local_serve_config(
+        [serve_local.DEFAULT_VALUES], model=str(tiny_model_dir), port=_free_port(), values=values)
+    with serve_local.LocalServe(config, api_key=serve_local.api_key_from(merged),
+                                dashboard_port=_free_port(), extra_env={"HF_HUB_OFFLINE": "1"}) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def model_name():
+    return SERVED_NAME
+
+
+@pytest.fixture
+def client(server):
+    # No retries: the tests must see each status the server really sends.
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+def async_client(server):
+    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def http(server):
+    """Raw HTTP with the key; pass headers={} to drop it."""
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as raw:
+        yield raw
+
+
+@pytest.fixture
+def app_stats(server):
+    """The replica's counters, read through a Serve handle (the test process is the Ray driver)."""
+    from ray import serve
+
+    handle = serve.get_app_handle("llm")
+    return lambda: handle.get_stats.remote().result(timeout_s=30)

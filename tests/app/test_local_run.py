@@ -1,0 +1,68 @@
+"""The local run path (`make serve`): the chart-rendered serveConfigV2, submitted through Ray's
+dashboard REST API as KubeRay does, is RUNNING and passes the same smoke test `helm test` runs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.app.conftest import API_KEY
+from tools import serve_local
+
+pytestmark = pytest.mark.engine
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_config_submitted_through_the_dashboard_should_be_running(server):
+    status = server.status()
+    assert status["applications"]["llm"]["status"] == "RUNNING"
+    assert status["applications"]["llm"]["deployments"]["VLLMServer"]["status"] == "HEALTHY"
+
+
+def test_the_submitted_config_should_be_the_charts_own(server):
+    # Only the proxy's address differs from what a cluster gets.
+    assert server.config["http_options"]["host"] == "127.0.0.1"
+    [app] = server.config["applications"]
+    assert app["import_path"] == "vllm_app:build_app"
+    assert app["runtime_env"]["env_vars"]["VLLM_APP_SHA256"]  # and the replica checked it on start
+
+
+@pytest.mark.parametrize("with_key", [True, False], ids=["with-key", "without-key"])
+def test_the_helm_test_smoke_script_should_pass_against_the_endpoint(server, model_name, with_key):
+    env = {**os.environ, "SMOKE_TEST_URL": server.url, "SMOKE_TEST_MODEL": model_name}
+    if with_key:
+        env["SMOKE_TEST_API_KEY"] = API_KEY
+    result = subprocess.run([sys.executable, str(REPO / "files" / "smoke_test.py")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    if with_key:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "all 4 checks passed" in result.stdout
+    else:
+        # Without the key the endpoint refuses, and the script says which check failed and why.
+        assert result.returncode == 1
+        assert "FAIL models" in result.stdout and "401" in result.stdout
+
+
+def test_the_smoke_script_should_fail_clearly_on_a_wrong_model_name(server):
+    env = {**os.environ, "SMOKE_TEST_URL": server.url, "SMOKE_TEST_MODEL": "not-served",
+           "SMOKE_TEST_API_KEY": API_KEY}
+    result = subprocess.run([sys.executable, str(REPO / "files" / "smoke_test.py")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "'not-served' is not among the served models" in result.stdout
+
+
+def test_the_smoke_script_should_fail_clearly_when_nothing_listens():
+    env = {**os.environ, "SMOKE_TEST_URL": "http://127.0.0.1:9", "SMOKE_TEST_MODEL": "m", "SMOKE_TEST_TIMEOUT": "5"}
+    result = subprocess.run([sys.executable, str(REPO / "files" / "smoke_test.py")], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "FAIL models" in result.stdout and "did not answer" in result.stdout
+
+
+def test_local_config_should_need_the_key_in_the_environment_for_an_existing_secret(monkeypatch):
+    monkeypatch.delenv(serve_local.API_KEY_ENV, raising=False)
+    with pytest.raises(serve_local.LocalServeError, match=serve_local.API_KEY_ENV):
+        serve_local.api_key_from({"serving": {"apiKey": {"existingSecret": "keys"}}})
