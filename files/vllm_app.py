@@ -230,8 +230,8 @@ def _from_engine_error(error: Exception) -> OpenAIError:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The engine adapter: the only code that touches vLLM. Its narrow interface (start, encode,
-#    generate, abort, check_health) is what the routes use, so a fake can stand in for unit tests.
+# 4. The engine adapter: the only code that touches vLLM. The routes use only its narrow interface
+#    (start, render_chat, encode, sampling_params, generate, abort, check_health).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -244,11 +244,10 @@ class VLLMEngine:
     async def start(self) -> None:
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        engine = self.args.engine
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**vllm_engine_kwargs(self.args)))
         self.tokenizer = await _maybe_await(self.engine.get_tokenizer())
-        self.max_model_len = self.engine.vllm_config.model_config.max_model_len if hasattr(
-            self.engine, "vllm_config") else engine.max_model_len
+        # What vLLM settled on (the model's own limit when engine.maxModelLen is unset).
+        self.max_model_len = self.engine.model_config.max_model_len
 
     def chat_template_available(self) -> bool:
         return bool(self.args.model.chat_template or getattr(self.tokenizer, "chat_template", None))
@@ -562,7 +561,7 @@ async def _http_error(request: Request, error: StarletteHTTPException):
 @serve.deployment(name="VLLMServer")
 @serve.ingress(api)
 class VLLMServer:
-    async def __init__(self, args: AppArgs, engine: Optional[VLLMEngine] = None):
+    async def __init__(self, args: AppArgs):
         _check_code_hash()
         self.args = args
         self.model_name = args.model.name
@@ -570,7 +569,7 @@ class VLLMServer:
         self.api_key = _api_key(args.serving)
         self.stats = {"requests": 0, "aborted": 0, "in_flight": 0}
         # Loading the model inside the constructor keeps the replica out of rotation until it is ready.
-        self.engine = engine or VLLMEngine(args)
+        self.engine = VLLMEngine(args)
         await self.engine.start()
 
     # -- Ray Serve hooks ----------------------------------------------------------------------
@@ -655,7 +654,8 @@ class VLLMServer:
     async def _complete(self, request, engine, body, completion, prompt_ids_list, max_tokens, started,
                         prompt_text) -> Response:
         params = engine.sampling_params(**_sampling_kwargs(body, max_tokens))
-        # Ray Serve's proxy already echoes X-Request-Id (or makes one) on every response; log the same id.
+        # Ray Serve's proxy puts X-Request-Id on every request (the client's, or one it makes) and
+        # echoes it in the response; the log line carries the same id.
         request_id = request.headers.get("x-request-id") or completion.id
         self.stats["requests"] += 1
         log = _RequestLog(request_id, request.url.path, completion, started,
@@ -673,6 +673,11 @@ class VLLMServer:
                 for out in result.outputs:
                     out.index = index * body.n + out.index
                     outputs.append(out)
+        except asyncio.CancelledError:
+            # The client went away; _final_output has aborted the engine requests.
+            self.stats["aborted"] += 1
+            log.finish(499)
+            raise
         except Exception as error:
             failure = _from_engine_error(error)
             log.finish(failure.status)

@@ -16,3 +16,15 @@ from tools import chart  # noqa: E402
 def render():
     """render(values, **kwargs) -> tools.chart.Rendered; raises ChartError with Helm's message."""
     return chart.render
+
+
+def pytest_addoption(parser):
+    # The cluster suite's knobs (tests/cluster); --kube-config comes from pytest-helm-charts.
+    group = parser.getgroup("vllm-rayservice cluster suite")
+    group.addoption("--cluster-values", default="ci/05-cpu-kind-values.yaml",
+                    help="values file the cluster suite installs (default: the CPU/kind scenario)")
+    group.addoption("--cluster-set", action="append", default=[],
+                    help="extra KEY=VALUE for the install, as helm --set (repeatable)")
+    group.addoption("--cluster-namespace", default="default", help="namespace to install into (must exist)")
+    group.addoption("--cluster-ready-timeout", type=float, default=1800.0,
+                    help="seconds to wait for the RayService to become ready (image pulls, model download)")

@@ -1,0 +1,112 @@
+"""The three servers the benchmark compares, each started on 127.0.0.1 and stopped after its run.
+
+All three get the same engine arguments, derived once from the chart-rendered args by the app's own
+mapping (vllm_app.vllm_engine_kwargs), so only the serving path differs:
+  app       this chart's app, deployed from the chart's serveConfigV2 as `make serve` does
+  original  the guide's design (bench/baseline_app.py) on the same local Ray and Serve options
+  vllm      vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`), no Ray
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from tools import serve_local
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "files"))
+import vllm_app  # noqa: E402  (the app's own args -> vLLM mapping)
+
+
+def engine_kwargs(serve_config: dict) -> dict:
+    args = vllm_app.AppArgs.model_validate(serve_config["applications"][0]["args"])
+    return vllm_app.vllm_engine_kwargs(args)
+
+
+@contextlib.contextmanager
+def this_app(serve_config: dict, api_key, dashboard_port: int, extra_env: dict):
+    with serve_local.LocalServe(serve_config, api_key=api_key, dashboard_port=dashboard_port,
+                                extra_env=extra_env) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def original_design(serve_config: dict, dashboard_port: int, extra_env: dict):
+    """The baseline on the same Ray and the same Serve deployment options as this app."""
+    [app] = serve_config["applications"]
+    [deployment] = app["deployments"]
+    kwargs = engine_kwargs(serve_config)
+    model = kwargs.pop("model")
+    kwargs.pop("served_model_name")
+    baseline = {
+        "http_options": serve_config["http_options"],
+        "applications": [{
+            "name": "original", "import_path": "baseline_app:build_app", "route_prefix": "/",
+            "args": {"model": model, "engine": kwargs},
+            "deployments": [{**copy.deepcopy(deployment), "name": "OriginalDesign"}],
+        }],
+    }
+    env = {**extra_env, "PYTHONPATH": os.pathsep.join([str(REPO / "bench"), str(REPO / "files")])}
+    with serve_local.LocalServe(baseline, dashboard_port=dashboard_port, extra_env=env) as server:
+        yield server.url
+
+
+def vllm_server_command(kwargs: dict, port: int) -> list[str]:
+    """vLLM's OpenAI server with the same engine arguments, as command-line flags."""
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
+    for name, value in kwargs.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            command.append(flag)
+        elif isinstance(value, list):
+            command += [flag, *map(str, value)]
+        else:
+            command += [flag, str(value)]
+    return command
+
+
+@contextlib.contextmanager
+def vllm_server(serve_config: dict, port: int, extra_env: dict, startup_timeout: float = 600):
+    command = vllm_server_command(engine_kwargs(serve_config), port)
+    cache = REPO / ".cache"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),
+           "VLLM_NO_USAGE_STATS": "1", **extra_env}
+    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-server-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"vLLM's server exited ({process.returncode}):\n{log.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM's server did not become healthy in {startup_timeout:.0f}s")
+            time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        os.unlink(log.name)

@@ -1,0 +1,64 @@
+"""The benchmark's harness on a tiny workload: it measures what it says it measures (not the speed)."""
+
+import asyncio
+import json
+
+import pytest
+
+from bench import loadgen, run, servers
+from tests.app.conftest import API_KEY
+
+pytestmark = pytest.mark.engine
+
+
+def test_load_generator_should_time_every_streamed_request(server, model_name):
+    result = asyncio.run(loadgen.run_level(server.url, model_name, run.PROMPTS, concurrency=2, requests=4,
+                                           max_tokens=8, api_key=API_KEY))
+    assert (result.requests, result.errors) == (4, 0)
+    assert result.output_tokens_per_s > 0 and result.requests_per_s > 0
+    assert 0 < result.ttft_p50_ms <= result.latency_p50_ms <= result.latency_p95_ms
+    assert result.itl_p50_ms is not None  # 8 tokens stream as several frames
+    # Every request produced exactly max_tokens (EOS ignored): 4 x 8 tokens over the run.
+    assert result.output_tokens_per_s * result.duration_s == pytest.approx(32, rel=0.01)
+
+
+def test_load_generator_should_count_refusals_as_errors(server, model_name):
+    result = asyncio.run(loadgen.run_level(server.url, model_name, run.PROMPTS, concurrency=1, requests=2,
+                                           max_tokens=4, api_key="wrong"))
+    assert result.errors == 2 and "HTTP 401" in result.error_samples[0]
+    assert result.output_tokens_per_s == 0
+
+
+def test_percentiles_and_summary():
+    assert loadgen.percentile([], 50) is None
+    assert loadgen.percentile([1, 2, 3, 4], 50) == 2.5
+    assert loadgen.percentile([5], 95) == 5
+    results = [loadgen.RequestResult(ok=True, ttft=0.1, latency=1.0, output_tokens=10, gaps=[0.01, 0.03]),
+               loadgen.RequestResult(ok=False, error="HTTP 503: shed")]
+    summary = loadgen.summarize(4, results, duration=2.0, cpu_seconds=0.5)
+    assert (summary.requests, summary.errors, summary.output_tokens_per_s) == (2, 1, 5.0)
+    assert (summary.ttft_p50_ms, summary.itl_p50_ms, summary.loadgen_cpu_percent) == (100.0, 20.0, 25.0)
+
+
+def test_report_should_hold_ratios_a_table_and_a_plot(tmp_path):
+    level = lambda c, tok, ttft: {"concurrency": c, "requests": 8, "errors": 0, "duration_s": 1.0,  # noqa: E731
+                                  "requests_per_s": 8.0, "output_tokens_per_s": tok, "ttft_p50_ms": ttft,
+                                  "ttft_p95_ms": ttft, "itl_p50_ms": 1.0, "latency_p50_ms": 10.0,
+                                  "latency_p95_ms": 12.0, "loadgen_cpu_percent": 5.0, "error_samples": []}
+    results = {"app": [level(16, 900.0, 30.0)], "original": [level(16, 100.0, 600.0)], "vllm": [level(16, 1000.0, 25.0)]}
+    assert run.ratios(results) == {"16": {"throughput_vs_original": 9.0, "throughput_vs_vllm": 0.9,
+                                          "ttft_p50_vs_vllm": 1.2}}
+    assert "original design" in run.table(results)
+    run.plot(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.dumps(run.machine())  # the machine record is plain data
+
+
+def test_all_servers_should_get_the_same_engine_arguments(server):
+    kwargs = servers.engine_kwargs(server.config)
+    command = servers.vllm_server_command(kwargs, 8123)
+    for name, value in kwargs.items():
+        if value not in (None, False):
+            assert "--" + name.replace("_", "-") in command
+    assert command[command.index("--model") + 1] == kwargs["model"]
+    assert "--enforce-eager" in command and command[command.index("--host") + 1] == "127.0.0.1"

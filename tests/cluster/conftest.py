@@ -1,0 +1,178 @@
+"""The release under test on a live cluster: installed once per module with a unique name, torn down
+(and checked gone) afterwards, also when a test fails. Skips with instructions when no cluster is
+given; see the README, "Cluster end-to-end suite"."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tools import chart, cluster
+
+REPO = Path(__file__).resolve().parents[2]
+HOW_TO_RUN = ("no cluster given: set KUBECONFIG or pass --kube-config=PATH, e.g. "
+              "`make test-cluster PYTEST_ARGS=--kube-config=$HOME/.kube/config` (README, 'Cluster end-to-end suite')")
+
+
+@dataclass
+class Release:
+    name: str
+    fullname: str
+    namespace: str
+    values: dict
+    kubeconfig: str
+    helm: object  # helm_python.Config
+    api: object  # pykube.HTTPClient
+
+    def rayservice(self) -> dict | None:
+        return get_object(self.api, "ray.io/v1", "RayService", self.namespace, self.fullname)
+
+
+def get_object(api, api_version, kind, namespace, name):
+    import pykube
+
+    resource = pykube.object_factory(api, api_version, kind)
+    try:
+        return resource.objects(api).filter(namespace=namespace).get(name=name).obj
+    except pykube.ObjectDoesNotExist:
+        return None
+
+
+def release_objects(api, namespace, release_name) -> list[str]:
+    """Kind/name of everything still labelled with this release (pods included)."""
+    import pykube
+
+    selector = {"app.kubernetes.io/instance": release_name}
+    found = []
+    for resource in (pykube.ConfigMap, pykube.Secret, pykube.Service, pykube.Pod, pykube.ServiceAccount,
+                     pykube.object_factory(api, "ray.io/v1", "RayService"),
+                     pykube.object_factory(api, "ray.io/v1", "RayCluster")):
+        for obj in resource.objects(api).filter(namespace=namespace, selector=selector):
+            found.append(f"{obj.kind}/{obj.name}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def kubeconfig(pytestconfig):
+    path = pytestconfig.getoption("kube_config", default=None) or os.environ.get("KUBECONFIG")
+    if not path:
+        pytest.skip(HOW_TO_RUN)
+    if not Path(path).expanduser().exists():
+        pytest.fail(f"the kubeconfig {path} does not exist")
+    return str(Path(path).expanduser())
+
+
+@pytest.fixture(scope="module")
+def kube_api(kubeconfig, request):
+    # pytest-helm-charts' cluster fixture: a pykube client for the given kubeconfig.
+    return request.getfixturevalue("kube_cluster").kube_client
+
+
+@pytest.fixture(scope="module")
+def prerequisites(kubeconfig, kube_api, pytestconfig) -> dict:
+    """Everything the suite needs, checked first, each failure saying what to do."""
+    import pykube
+
+    namespace = pytestconfig.getoption("cluster_namespace")
+    if shutil.which("kubectl") is None:
+        pytest.fail("kubectl is not on PATH: the suite port-forwards with it. Install kubectl.")
+    try:
+        version = kube_api.version
+    except Exception as error:  # any transport error: the server is not reachable with this config
+        pytest.fail(f"the API server in {kubeconfig} is not reachable: {error}")
+    crd = get_object(kube_api, "apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "rayservices.ray.io")
+    if crd is None:
+        pytest.fail("the rayservices.ray.io CRD is not installed: install the KubeRay operator first, e.g. "
+                    "helm install kuberay-operator kuberay/kuberay-operator -n kuberay-system --create-namespace")
+    if get_object(kube_api, "v1", "Namespace", None, namespace) is None:
+        pytest.fail(f"namespace {namespace} does not exist: kubectl create namespace {namespace}, "
+                    "or pass --cluster-namespace")
+    operator_version = crd["metadata"].get("annotations", {}).get("controller-gen.kubebuilder.io/version", "?")
+    return {"kubernetes": version, "crd_versions": [v["name"] for v in crd["spec"]["versions"]],
+            "crd_controller_gen": operator_version, "namespace": namespace}
+
+
+def _failure_report(api, namespace, release_name, rayservice) -> str:
+    import pykube
+
+    events = [event.obj for event in pykube.Event.objects(api).filter(namespace=namespace)
+              if event.obj.get("involvedObject", {}).get("name", "").startswith(release_name)]
+    logs = {}
+    for pod in pykube.Pod.objects(api).filter(namespace=namespace,
+                                              selector={"app.kubernetes.io/instance": release_name}):
+        for container in pod.obj["spec"]["containers"]:
+            try:
+                logs[f"{pod.name}/{container['name']}"] = pod.logs(container=container["name"], tail_lines=40)
+            except Exception as error:  # a pod still pulling its image has no log yet
+                logs[f"{pod.name}/{container['name']}"] = f"(no log: {error})"
+    return cluster.failure_report(rayservice, events, logs)
+
+
+def wait_ready(release: Release, timeout: float) -> None:
+    try:
+        cluster.wait_for(lambda: cluster.readiness(release.rayservice() or {}), timeout=timeout, poll=10)
+    except (cluster.WaitTimeout, cluster.WaitFailed) as error:
+        pytest.fail(f"{error}\n\n{_failure_report(release.api, release.namespace, release.name, release.rayservice())}")
+
+
+@pytest.fixture(scope="module")
+def release(prerequisites, kubeconfig, kube_api, pytestconfig):
+    import helm_python
+
+    namespace = prerequisites["namespace"]
+    values = chart.load_values_files([REPO / pytestconfig.getoption("cluster_values")])
+    for expression in pytestconfig.getoption("cluster_set"):
+        values = chart.deep_merge(values, helm_python.parse_set_string(expression))
+    values = chart.deep_merge(values, {"serving": {"replicas": 1, "autoscaling": {"enabled": False}},
+                                       "workers": {"maxReplicas": max(2, values.get("workers", {}).get("maxReplicas", 2))}})
+    name = f"vrs-e2e-{uuid.uuid4().hex[:6]}"
+    helm = helm_python.Config(kubeconfig_path=kubeconfig, namespace=namespace)
+    rendered = chart.render(values, release=name, namespace=namespace)
+    subject = Release(name=name, fullname=rendered.rayservice()["metadata"]["name"], namespace=namespace,
+                      values=values, kubeconfig=kubeconfig, helm=helm, api=kube_api)
+    helm.install(str(REPO), name, values, namespace=namespace, timeout=300)
+    try:
+        wait_ready(subject, pytestconfig.getoption("cluster_ready_timeout"))
+        yield subject
+    finally:
+        # Clean up on failure too; the uninstall test checks the result when it runs.
+        helm.uninstall(name, ignore_not_found=True, timeout=300)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def port_forward(release: Release, target: str, remote_port: int, timeout: float = 60):
+    """kubectl port-forward to 127.0.0.1 on the test side; yields the local base URL."""
+    local = _free_port()
+    process = subprocess.Popen(
+        ["kubectl", "--kubeconfig", release.kubeconfig, "-n", release.namespace, "port-forward",
+         "--address", "127.0.0.1", target, f"{local}:{remote_port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", local)) == 0:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                output = process.stdout.read() if process.poll() is not None else ""
+                pytest.fail(f"kubectl port-forward {target} did not come up: {output}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{local}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -1,0 +1,97 @@
+"""The chart's promise on a live cluster, in the order a user meets it: install, call the endpoint,
+scale with `helm upgrade`, `helm test`, uninstall. Runs only with a kubeconfig (-m cluster)."""
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+from tests.cluster.conftest import REPO, port_forward, release_objects, wait_ready
+from tools import cluster
+
+pytestmark = pytest.mark.cluster
+
+
+def _served_name(release) -> str:
+    model = release.values.get("model", {})
+    return model.get("servedName") or model.get("id") or "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+
+
+def _api_key(release):
+    return release.values.get("serving", {}).get("apiKey", {}).get("value") or None
+
+
+def _serve_details(dashboard_url: str) -> dict:
+    with urllib.request.urlopen(dashboard_url + "/api/serve/applications/", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _running_workers(release) -> int:
+    import pykube
+
+    group = release.values.get("workers", {}).get("groupName", "gpu-workers")
+    pods = pykube.Pod.objects(release.api).filter(namespace=release.namespace, selector={
+        "app.kubernetes.io/instance": release.name, "ray.io/group": group})
+    return sum(1 for pod in pods if pod.obj.get("status", {}).get("phase") == "Running")
+
+
+def _scale(release, replicas: int, timeout: float) -> None:
+    """`helm upgrade --reuse-values --set serving.replicas=N`, then wait for Serve and the workers."""
+    release.helm.upgrade(str(REPO), release.name, {"serving": {"replicas": replicas}},
+                         namespace=release.namespace, reuse_values=True, timeout=300)
+    wait_ready(release, timeout)
+    with port_forward(release, f"svc/{release.fullname}-head-svc", 8265) as dashboard:
+        deadline = time.monotonic() + timeout
+        while cluster.running_replicas(_serve_details(dashboard)) != replicas:
+            if time.monotonic() > deadline:
+                pytest.fail(f"Serve did not reach {replicas} running replicas in {timeout:.0f}s: "
+                            f"{_serve_details(dashboard)['applications'].get('llm', {}).get('deployments')}")
+            time.sleep(10)
+    # Ray's autoscaler follows: one model replica per worker pod in the scenarios this suite runs;
+    # scale-down waits for the idle timeout.
+    deadline = time.monotonic() + timeout
+    while _running_workers(release) != replicas:
+        if time.monotonic() > deadline:
+            pytest.fail(f"worker pods did not follow to {replicas} in {timeout:.0f}s: {_running_workers(release)} running")
+        time.sleep(10)
+
+
+def test_prerequisites_should_be_in_place(prerequisites):
+    assert "v1" in prerequisites["crd_versions"]
+    print(f"Kubernetes {prerequisites['kubernetes']}, RayService CRD versions {prerequisites['crd_versions']}")
+
+
+def test_endpoint_should_serve_openai_clients(release):
+    import openai
+
+    with port_forward(release, f"svc/{release.fullname}-serve-svc", 8000) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=_api_key(release) or "none", max_retries=2, timeout=300)
+        model = _served_name(release)
+        assert [m.id for m in client.models.list().data] == [model]
+        answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello"}],
+                                                max_tokens=8)
+        assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
+        chunks = list(client.chat.completions.create(model=model, stream=True, max_tokens=8,
+                                                     messages=[{"role": "user", "content": "Count"}]))
+        assert chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_helm_upgrade_should_scale_replicas_and_workers_and_back(release, pytestconfig):
+    timeout = pytestconfig.getoption("cluster_ready_timeout")
+    _scale(release, 2, timeout)
+    _scale(release, 1, timeout)
+
+
+def test_helm_test_should_pass(release):
+    result = release.helm.test(release.name, timeout=600, logs=True)  # raises HelmReleaseError on failure
+    assert "all" in result.get("logs", "") and "checks passed" in result.get("logs", "")
+
+
+def test_uninstall_should_remove_the_releases_objects(release):
+    release.helm.uninstall(release.name, timeout=300)
+    deadline = time.monotonic() + 600
+    while (left := release_objects(release.api, release.namespace, release.name)):
+        if time.monotonic() > deadline:
+            pytest.fail(f"objects left 10 minutes after uninstall: {left}")
+        time.sleep(10)

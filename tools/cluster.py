@@ -1,0 +1,121 @@
+"""What the cluster suite decides from what a cluster reports: is the RayService ready, has it failed
+for good, how many Serve replicas run, and what to print when it does not become ready.
+
+Plain functions over the objects a cluster returns (dicts), so the default test run checks them
+against recorded KubeRay statuses (tests/chart/test_cluster_logic.py) without a cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+# Serve application states (ray.serve.schema.ApplicationStatus) that no amount of waiting fixes.
+APP_FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
+# RayService Ready-condition reasons (KubeRay >= 1.3) that mean it will not become ready by itself.
+TERMINAL_REASONS = {"InitializingTimeout", "ValidationFailed"}
+
+
+@dataclass
+class Readiness:
+    ready: bool
+    failed: bool
+    reason: str
+
+
+def _condition(rayservice: dict, kind: str) -> Optional[dict]:
+    return next((c for c in rayservice.get("status", {}).get("conditions", []) or [] if c.get("type") == kind), None)
+
+
+def app_status(rayservice: dict, app: str = "llm") -> dict:
+    """The Serve application's status as the RayService reports it for the active cluster."""
+    statuses = rayservice.get("status", {}).get("activeServiceStatus", {}).get("applicationStatuses") or {}
+    return statuses.get(app, {})
+
+
+def readiness(rayservice: dict, app: str = "llm") -> Readiness:
+    """Ready when KubeRay says so for the current spec and the app runs; failed when it cannot recover.
+
+    KubeRay >= 1.3 reports a `Ready` condition; older releases only `serviceStatus: Running`. Either
+    way the status must be for the current spec (observedGeneration), so that a ready status left
+    over from before an upgrade is not taken for the upgraded one.
+    """
+    status = rayservice.get("status") or {}
+    generation = rayservice.get("metadata", {}).get("generation", 0)
+    application = app_status(rayservice, app)
+    app_state = application.get("status", "")
+    if app_state in APP_FAILED:
+        return Readiness(False, True, f"Serve application {app} is {app_state}: {application.get('message', '')}")
+    ready_condition = _condition(rayservice, "Ready")
+    if ready_condition is not None:
+        observed = ready_condition.get("observedGeneration", status.get("observedGeneration", 0))
+        reason = ready_condition.get("reason", "")
+        if ready_condition.get("status") != "True":
+            failed = reason in TERMINAL_REASONS
+            return Readiness(False, failed, f"Ready is {ready_condition.get('status')} ({reason}): "
+                                            f"{ready_condition.get('message', '')}".strip())
+    else:
+        observed = status.get("observedGeneration", 0)
+        if status.get("serviceStatus") != "Running":
+            return Readiness(False, False, f"serviceStatus is {status.get('serviceStatus') or 'empty'}")
+    if observed < generation:
+        return Readiness(False, False, f"status is for generation {observed}, the spec is at {generation}")
+    upgrading = _condition(rayservice, "UpgradeInProgress")
+    if upgrading is not None and upgrading.get("status") == "True":
+        return Readiness(False, False, f"upgrade in progress: {upgrading.get('message', '')}")
+    if app_state != "RUNNING":
+        return Readiness(False, False, f"Serve application {app} is {app_state or 'not reported yet'}")
+    return Readiness(True, False, "ready")
+
+
+class WaitTimeout(Exception):
+    pass
+
+
+class WaitFailed(Exception):
+    pass
+
+
+def wait_for(check: Callable[[], Readiness], timeout: float, poll: float = 5.0,
+             clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> Readiness:
+    """Poll `check` until ready (returned), failed for good (WaitFailed) or out of time (WaitTimeout)."""
+    deadline = clock() + timeout
+    while True:
+        state = check()
+        if state.ready:
+            return state
+        if state.failed:
+            raise WaitFailed(state.reason)
+        if clock() >= deadline:
+            raise WaitTimeout(f"not ready after {timeout:.0f}s: {state.reason}")
+        sleep(poll)
+
+
+def running_replicas(serve_details: dict, app: str = "llm", deployment: str = "VLLMServer") -> int:
+    """RUNNING replicas of a deployment, from the dashboard's GET /api/serve/applications/."""
+    details = serve_details.get("applications", {}).get(app, {}).get("deployments", {}).get(deployment, {})
+    return sum(1 for replica in details.get("replicas", []) if replica.get("state") == "RUNNING")
+
+
+def failure_report(rayservice: Optional[dict], events: Iterable[dict], pod_logs: dict[str, str],
+                   log_lines: int = 40) -> str:
+    """What a person needs when the RayService did not become ready: its status, the events, the
+    last lines of each pod's log."""
+    import yaml
+
+    parts = ["RayService status:"]
+    parts.append(yaml.safe_dump((rayservice or {}).get("status", {"note": "the RayService does not exist"}),
+                                sort_keys=False).rstrip())
+    events = sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    parts.append(f"\nEvents ({len(events)}):")
+    for event in events[-30:]:
+        involved = event.get("involvedObject", {})
+        parts.append(f"  {event.get('lastTimestamp') or event.get('eventTime') or '-'} {event.get('type', '')} "
+                     f"{involved.get('kind', '')}/{involved.get('name', '')} {event.get('reason', '')}: "
+                     f"{event.get('message', '')}".rstrip())
+    for pod, log in sorted(pod_logs.items()):
+        tail = log.rstrip().splitlines()[-log_lines:]
+        parts.append(f"\nLast {len(tail)} log lines of pod {pod}:")
+        parts.extend("  " + line for line in tail)
+    return "\n".join(parts)
