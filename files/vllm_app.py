@@ -80,6 +80,8 @@ class ServingArgs(_Args):
     # Name of the environment variable holding the API key; empty: no auth.
     api_key_env: Optional[str] = None
     log_prompts: bool = False
+    # After the first token, send stream chunks at most this often (0: every engine step).
+    stream_interval_ms: float = Field(default=0, ge=0, le=1000)
 
     @field_validator("api_key_env", mode="before")
     @classmethod
@@ -708,31 +710,43 @@ class VLLMServer:
             raise
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        interval = self.args.serving.stream_interval_ms / 1000
 
         async def frames():
+            # Every chunk sent costs a hop through Ray Serve's proxy, so each step's frames go out
+            # as one chunk, and after the first token the engine is read at most once per
+            # interval: vLLM merges the deltas it produces meanwhile into one output.
+            loop = asyncio.get_running_loop()
             finished = False
             status = 200
             try:
-                for frame in completion.role_frames():
-                    yield frame
+                pending = completion.role_frames()
                 output = first
+                sent_at = loop.time()
                 while True:
-                    for frame in completion.delta_frames(output.outputs):
-                        yield frame
+                    pending += completion.delta_frames(output.outputs)
                     if output.finished:
                         break
+                    if pending:
+                        yield b"".join(pending)
+                        pending = []
+                        sent_at = loop.time()
+                    if interval:
+                        await asyncio.sleep(max(0.0, sent_at + interval - loop.time()))
                     output = await generator.__anext__()
                 finished = True
                 if include_usage:
-                    yield completion.usage_frame()
+                    pending.append(completion.usage_frame())
+                yield b"".join(pending) + SSE_DONE
             except StopAsyncIteration:
                 finished = True
+                yield SSE_DONE
             except Exception as error:
                 # Headers are gone already: report the error in the stream itself.
                 failure = _from_engine_error(error)
                 status = failure.status
                 finished = True
-                yield _sse(failure.body())
+                yield _sse(failure.body()) + SSE_DONE
             finally:
                 self.stats["in_flight"] -= 1
                 if not finished:
@@ -742,7 +756,6 @@ class VLLMServer:
                     await engine.abort(completion.id)
                 await _close(generator)
                 log.finish(status)
-            yield SSE_DONE
 
         return StreamingResponse(frames(), media_type="text/event-stream")
 

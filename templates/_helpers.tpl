@@ -161,7 +161,8 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "extraArgs" .Values.engine.extraArgs }}
 {{- $serving := dict
   "apiKeyEnv" (ternary (include "vllm-rayservice.apiKeyEnvName" .) "" (ne (include "vllm-rayservice.apiKeySecretName" .) ""))
-  "logPrompts" .Values.serving.logPrompts }}
+  "logPrompts" .Values.serving.logPrompts
+  "streamIntervalMs" .Values.serving.streamIntervalMs }}
 {{- $deployment := dict
   "name" "VLLMServer"
   "max_ongoing_requests" (int .Values.serving.maxOngoingRequests)
