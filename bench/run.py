@@ -59,8 +59,10 @@ def requests_for(concurrency: int, per_level: int) -> int:
 
 def run_server(name: str, url: str, model: str, args) -> list[dict]:
     print(f"\n== {LABELS[name]} at {url}", flush=True)
-    # Warm up: first requests pay for lazy initialisation in every server.
-    asyncio.run(loadgen.run_level(url, model, PROMPTS, concurrency=2, requests=4, max_tokens=8))
+    # Warm up at the highest concurrency: first requests and first batch sizes pay for lazy
+    # initialisation in every server, and that must not land in a measured level.
+    top = max(args.concurrency)
+    asyncio.run(loadgen.run_level(url, model, PROMPTS, concurrency=top, requests=top, max_tokens=16))
     levels = []
     for concurrency in args.concurrency:
         result = asyncio.run(loadgen.run_level(

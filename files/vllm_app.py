@@ -80,8 +80,6 @@ class ServingArgs(_Args):
     # Name of the environment variable holding the API key; empty: no auth.
     api_key_env: Optional[str] = None
     log_prompts: bool = False
-    # After the first token, send stream chunks at most this often (0: every engine step).
-    stream_interval_ms: float = Field(default=0, ge=0, le=1000)
 
     @field_validator("api_key_env", mode="before")
     @classmethod
@@ -710,19 +708,16 @@ class VLLMServer:
             raise
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        interval = self.args.serving.stream_interval_ms / 1000
 
         async def frames():
-            # Every chunk sent costs a hop through Ray Serve's proxy, so each step's frames go out
-            # as one chunk, and after the first token the engine is read at most once per
-            # interval: vLLM merges the deltas it produces meanwhile into one output.
-            loop = asyncio.get_running_loop()
+            # Every chunk sent is a hop through Ray Serve's proxy, so each engine step's frames go
+            # out as one chunk: the role with the first delta; the last delta, usage and [DONE].
+            # (When this loop falls behind, vLLM merges the deltas it produced meanwhile.)
             finished = False
             status = 200
             try:
                 pending = completion.role_frames()
                 output = first
-                sent_at = loop.time()
                 while True:
                     pending += completion.delta_frames(output.outputs)
                     if output.finished:
@@ -730,9 +725,6 @@ class VLLMServer:
                     if pending:
                         yield b"".join(pending)
                         pending = []
-                        sent_at = loop.time()
-                    if interval:
-                        await asyncio.sleep(max(0.0, sent_at + interval - loop.time()))
                     output = await generator.__anext__()
                 finished = True
                 if include_usage:

@@ -161,8 +161,7 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "extraArgs" .Values.engine.extraArgs }}
 {{- $serving := dict
   "apiKeyEnv" (ternary (include "vllm-rayservice.apiKeyEnvName" .) "" (ne (include "vllm-rayservice.apiKeySecretName" .) ""))
-  "logPrompts" .Values.serving.logPrompts
-  "streamIntervalMs" .Values.serving.streamIntervalMs }}
+  "logPrompts" .Values.serving.logPrompts }}
 {{- $deployment := dict
   "name" "VLLMServer"
   "max_ongoing_requests" (int .Values.serving.maxOngoingRequests)

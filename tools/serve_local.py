@@ -172,6 +172,8 @@ class LocalServe:
         import ray
 
         if ray.is_initialized():
+            # Taken first: once a replica exits, vLLM's engine processes are re-parented away from us.
+            started = _descendants()
             try:
                 self._request("DELETE", "/api/serve/applications/")
             except Exception:  # the cluster is going away regardless
@@ -183,6 +185,7 @@ class LocalServe:
             except Exception:
                 pass
             ray.shutdown()
+            _reap(started + _descendants())
         for name, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -203,6 +206,26 @@ class LocalServe:
         except urllib.error.HTTPError as error:
             raise LocalServeError(f"{method} {path}: HTTP {error.code}: {error.read().decode()[:1000]}") from None
         return json.loads(text) if text.strip() else {}
+
+
+def _descendants() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def _reap(processes: list, grace: float = 60.0) -> None:
+    """Wait for the processes the local Ray started (raylet, workers, vLLM's engine processes) to
+    exit, then kill what is left: nothing may outlive the run, nor keep burning CPU after it."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 def api_key_from(values: dict) -> Optional[str]:

@@ -66,3 +66,57 @@ def test_local_config_should_need_the_key_in_the_environment_for_an_existing_sec
     monkeypatch.delenv(serve_local.API_KEY_ENV, raising=False)
     with pytest.raises(serve_local.LocalServeError, match=serve_local.API_KEY_ENV):
         serve_local.api_key_from({"serving": {"apiKey": {"existingSecret": "keys"}}})
+
+
+def _session_processes(session_id: int) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.getsid(int(pid)) == session_id:
+                    found.append(int(pid))
+            except OSError:  # gone meanwhile
+                pass
+    return found
+
+
+def test_make_serve_should_serve_then_stop_everything_on_ctrl_c(tiny_model_dir):
+    import signal
+    import socket
+    import threading
+    import time
+
+    import httpx
+
+    def free_port():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.serve_local", "--port", str(port), "--dashboard-port", str(free_port())],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output, serving = [], threading.Event()
+
+    def read():
+        for line in process.stdout:
+            output.append(line)
+            if f"on http://127.0.0.1:{port}" in line:
+                serving.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert serving.wait(timeout=400), "".join(output[-40:])
+        assert any("curl http://127.0.0.1:" in line for line in output)  # it prints a curl to try
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).json()
+        assert models["data"][0]["id"] == str(tiny_model_dir)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        assert process.wait(timeout=180) == 0, "".join(output[-40:])
+        deadline = time.monotonic() + 30
+        while _session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert _session_processes(process.pid) == [], "processes outlived make serve"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)

@@ -114,14 +114,16 @@ class TestChatStreaming:
         assert usage_chunk.usage.total_tokens == usage_chunk.usage.prompt_tokens + 6
         assert all(chunk.usage is None for chunk in chunks[:-1])
 
-    def test_should_batch_tokens_into_fewer_chunks_after_the_first(self, client, model_name):
-        # serving.streamIntervalMs (20 ms in the chart) against a model making a token every few ms.
-        chunks = list(client.chat.completions.create(
-            model=model_name, messages=HELLO, max_tokens=64, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True}))
-        content_chunks = [chunk for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
-        assert chunks[-1].usage.completion_tokens == 64
-        assert len(content_chunks) <= 32, f"{len(content_chunks)} chunks for 64 tokens: no batching"
+    def test_role_should_travel_with_the_first_delta_in_one_chunk(self, http, model_name):
+        # One network chunk per engine step: the first chunk carries the role frame and the first
+        # delta together, and the last one carries the usage frame and [DONE].
+        with http.stream("POST", "/v1/chat/completions", json={
+                "model": model_name, "messages": HELLO, "max_tokens": 8, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}) as response:
+            chunks = [chunk for chunk in response.iter_bytes() if chunk]
+        text = b"".join(chunks)
+        assert text.count(b"data: ") >= 4 and text.endswith(b"data: [DONE]\n\n")
+        assert b'"role":"assistant"' in chunks[0] and chunks[0].count(b"data: ") >= 2, chunks[:2]
 
     def test_should_end_the_raw_stream_with_done(self, http, model_name):
         with http.stream("POST", "/v1/chat/completions", json={

@@ -183,7 +183,7 @@ class TestServeConfig:
         assert args["engine"]["dtype"] == "bfloat16" and args["engine"]["maxModelLen"] == 4096
         assert args["engine"]["enforceEager"] is True
         assert args["engine"]["extraArgs"] == {"max_num_seqs": 32}
-        assert args["serving"] == {"apiKeyEnv": "", "logPrompts": True, "streamIntervalMs": 20}
+        assert args["serving"] == {"apiKeyEnv": "", "logPrompts": True}
 
     def test_served_name_should_default_to_the_model_id(self, render):
         args = render({"model": {"id": "org/model"}}).serve_config()["applications"][0]["args"]

@@ -21,7 +21,6 @@ BAD_VALUES = [
     pytest.param({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy", id="unknown-pull-policy"),
     pytest.param({"cluster": {"upgradeStrategy": "BlueGreen"}}, "/cluster/upgradeStrategy", id="unknown-upgrade-strategy"),
     pytest.param({"serving": {"replicas": -1}}, "/serving/replicas", id="negative-replicas"),
-    pytest.param({"serving": {"streamIntervalMs": -1}}, "/serving/streamIntervalMs", id="negative-stream-interval"),
     pytest.param({"serving": {"maxQueuedRequests": -5}}, "/serving/maxQueuedRequests", id="queue-below-minus-one"),
     pytest.param({"workers": {"tolerations": [{"key": "x", "operatr": "Exists"}]}}, "operatr", id="typo-in-toleration"),
     pytest.param({"workers": {"resources": {"limit": {"cpu": "1"}}}}, "limit", id="typo-resources-limits"),
