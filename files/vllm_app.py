@@ -607,10 +607,7 @@ class VLLMServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         started = time.monotonic()
-        self._authorize(request)
-        body = await _parse(request, ChatCompletionRequest)
-        self._check_model(body.model)
-        _check_unsupported(body)
+        body = await self._admit(request, ChatCompletionRequest)
         engine = self.engine
         if not engine.chat_template_available():
             raise OpenAIError(400, f"Model '{self.model_name}' has no chat template, so chat messages "
@@ -633,10 +630,7 @@ class VLLMServer:
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         started = time.monotonic()
-        self._authorize(request)
-        body = await _parse(request, CompletionRequest)
-        self._check_model(body.model)
-        _check_unsupported(body)
+        body = await self._admit(request, CompletionRequest)
         engine = self.engine
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) > 1 and body.stream:
@@ -752,6 +746,14 @@ class VLLMServer:
         return StreamingResponse(frames(), media_type="text/event-stream")
 
     # -- Checks ------------------------------------------------------------------------------
+
+    async def _admit(self, request: Request, model_class):
+        """What a generation request passes first: the key, a valid body, this model, supported fields."""
+        self._authorize(request)
+        body = await _parse(request, model_class)
+        self._check_model(body.model)
+        _check_unsupported(body)
+        return body
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:

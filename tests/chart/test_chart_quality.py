@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools import chart
+from tools import chart, values_doc
 
 REPO = Path(__file__).resolve().parents[2]
 VALUES = yaml.safe_load((REPO / "values.yaml").read_text())
@@ -21,18 +21,7 @@ def _resolve(node):
     return _resolve(SCHEMA["definitions"][ref.rsplit("/", 1)[1]]) if ref else node
 
 
-def _leaves(values, schema, path=()):
-    """(path, value, schema node) for every key a user sets; maps the schema leaves open count as leaves."""
-    for key, value in values.items():
-        node = schema["properties"][key]
-        # Sections of this chart are walked into; shared Kubernetes shapes ($ref) are leaves.
-        if isinstance(value, dict) and "properties" in node:
-            yield from _leaves(value, node, path + (key,))
-        else:
-            yield path + (key,), value, node
-
-
-LEAVES = list(_leaves(VALUES, SCHEMA))
+LEAVES = list(values_doc.leaves(VALUES, SCHEMA))
 
 
 def test_schema_should_reject_unknown_keys_at_every_level_users_write():
@@ -85,7 +74,5 @@ def test_every_ci_scenario_should_validate_against_the_schema(scenario):
 
 
 def test_readme_values_reference_should_match_values_yaml():
-    from tools import values_doc
-
     readme = (REPO / "README.md").read_text()
     assert values_doc.readme_with_table(readme) == readme, "README values reference is stale: run `make docs`"
