@@ -119,3 +119,17 @@ def failure_report(rayservice: Optional[dict], events: Iterable[dict], pod_logs:
         parts.append(f"\nLast {len(tail)} log lines of pod {pod}:")
         parts.extend("  " + line for line in tail)
     return "\n".join(parts)
+
+
+def leftovers(objects: Iterable[dict], release: str) -> list[str]:
+    """Kind/name of the objects still belonging to `release` after an uninstall, except those Helm
+    keeps on purpose (`helm.sh/resource-policy: keep`, such as the model cache claim)."""
+    left = []
+    for obj in objects:
+        metadata = obj.get("metadata", {})
+        if metadata.get("labels", {}).get("app.kubernetes.io/instance") != release:
+            continue
+        if metadata.get("annotations", {}).get("helm.sh/resource-policy") == "keep":
+            continue
+        left.append(f"{obj.get('kind')}/{metadata.get('name')}")
+    return sorted(left)

@@ -5,6 +5,8 @@ One server per test session (engine start costs ~30 s). Its settings are the CPU
 what these tests need: an API key, a queue limit small enough to overflow, and a longer context.
 """
 
+import copy
+import shutil
 import socket
 from pathlib import Path
 
@@ -34,7 +36,21 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model_dir):
+def no_template_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its chat template removed, as some base models ship."""
+    target = tmp_path_factory.mktemp("no-template") / "model"
+    shutil.copytree(tiny_model_dir, target)
+    (target / "chat_template.jinja").unlink(missing_ok=True)
+    config = target / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"chat_template"', '"unused_chat_template"'))
+    return target
+
+
+NO_TEMPLATE_ROUTE = "/no-template"
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir, no_template_model_dir):
     values = {
         "model": {"servedName": SERVED_NAME},
         "engine": {"maxModelLen": MAX_MODEL_LEN},
@@ -43,6 +59,14 @@ def server(tiny_model_dir):
     }
     config, merged = serve_local.local_serve_config(
         [serve_local.DEFAULT_VALUES], model=str(tiny_model_dir), port=_free_port(), values=values)
+    # A second app on the same Ray: a model without a chat template, to check the 400 it must get.
+    [app] = config["applications"]
+    bare = copy.deepcopy(app)
+    bare.update(name="no-template", route_prefix=NO_TEMPLATE_ROUTE)
+    bare["args"]["model"].update(id=str(no_template_model_dir), servedName=SERVED_NAME)
+    bare["args"]["engine"]["maxModelLen"] = 512
+    bare["deployments"][0]["ray_actor_options"]["num_cpus"] = 0
+    config["applications"].append(bare)
     with serve_local.LocalServe(config, api_key=serve_local.api_key_from(merged),
                                 dashboard_port=_free_port(), extra_env={"HF_HUB_OFFLINE": "1"}) as running:
         yield running

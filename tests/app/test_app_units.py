@@ -131,3 +131,31 @@ class TestErrorMapping:
     def test_anything_else_should_be_500_without_details(self):
         error = vllm_app._from_engine_error(KeyError("internal detail"))
         assert error.status == 500 and "internal detail" not in error.message
+
+
+class TestChatTemplate:
+    """render_chat with the real tokenizer of the tiny model (no engine needed)."""
+
+    @staticmethod
+    def _engine(model_dir, template=None):
+        from transformers import AutoTokenizer
+
+        args = vllm_app.AppArgs.model_validate({"model": {"id": str(model_dir), "chatTemplate": template or ""}})
+        engine = vllm_app.VLLMEngine(args)
+        engine.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return engine
+
+    def test_should_use_the_tokenizers_own_template(self, tiny_model_dir):
+        engine = self._engine(tiny_model_dir)
+        text = engine.tokenizer.decode(engine.render_chat([{"role": "user", "content": "hello"}]))
+        assert text == "<|user|>\nhello</s>\n<|assistant|>\n"
+
+    def test_an_override_template_should_replace_it(self, tiny_model_dir):
+        engine = self._engine(tiny_model_dir, "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}")
+        assert engine.chat_template_available()
+        text = engine.tokenizer.decode(engine.render_chat([{"role": "user", "content": "hello"}]))
+        assert text == "[user] hello "
+
+    def test_a_tokenizer_without_a_template_should_say_so(self, no_template_model_dir):
+        assert not self._engine(no_template_model_dir).chat_template_available()
+        assert self._engine(no_template_model_dir, "{{ messages }}").chat_template_available()

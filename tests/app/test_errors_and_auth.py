@@ -130,3 +130,51 @@ class TestAuth:
         response = httpx.get(server.url + "/health", timeout=30)
         assert response.status_code == 200
         assert response.json() == {"status": "ok"}
+
+
+def test_a_model_without_a_chat_template_should_get_a_clear_400(server, model_name):
+    import httpx
+
+    from tests.app.conftest import NO_TEMPLATE_ROUTE
+
+    base = server.url + NO_TEMPLATE_ROUTE
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    response = httpx.post(base + "/v1/chat/completions", headers=headers, timeout=60,
+                          json={"model": model_name, "messages": HELLO, "max_tokens": 4})
+    error = _assert_openai_error(response, 400, param="messages", code="no_chat_template")
+    assert "model.chatTemplate" in error["message"]
+    # Plain completions need no template and still work.
+    completion = httpx.post(base + "/v1/completions", headers=headers, timeout=60,
+                            json={"model": model_name, "prompt": "The river", "max_tokens": 4})
+    assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] == 4
+
+
+def test_each_request_should_log_one_line_without_prompt_or_key(server, http, model_name):
+    import glob
+    import os
+    import time
+    import uuid
+
+    request_id = f"log-check-{uuid.uuid4().hex[:8]}"
+    marker = "PRIVATE-PROMPT-TEXT"
+    response = http.post("/v1/chat/completions", headers={"X-Request-Id": request_id}, json={
+        "model": model_name, "messages": [{"role": "user", "content": marker}], "max_tokens": 4,
+        "ignore_eos": True})
+    assert response.status_code == 200
+    # Ray writes the replica's log lines to the worker's stderr file at once (and to Serve's replica
+    # file when its buffer flushes): search every log of the session.
+    logs = os.path.join(server._temp_dir, "session_latest", "logs")
+    files = lambda: [path for path in glob.glob(os.path.join(logs, "**", "*"), recursive=True)  # noqa: E731
+                     if os.path.isfile(path)]
+    deadline, lines = time.monotonic() + 30, []
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.5)
+        lines = {line.split(" -- ", 1)[-1] for path in files() for line in open(path, errors="replace")
+                 if f"request_id={request_id} route=" in line}
+    assert len(lines) == 1, lines  # one line per request (the same line may be in two files)
+    [line] = lines
+    assert "route=/v1/chat/completions status=200" in line
+    assert "completion_tokens=4" in line and "prompt_tokens=" in line and "latency_ms=" in line
+    everything = "".join(open(path, errors="replace").read() for path in files())
+    assert marker not in everything  # serving.logPrompts is off
+    assert API_KEY not in everything

@@ -24,7 +24,7 @@ def test_config_submitted_through_the_dashboard_should_be_running(server):
 def test_the_submitted_config_should_be_the_charts_own(server):
     # Only the proxy's address differs from what a cluster gets.
     assert server.config["http_options"]["host"] == "127.0.0.1"
-    [app] = server.config["applications"]
+    app = next(app for app in server.config["applications"] if app["name"] == "llm")
     assert app["import_path"] == "vllm_app:build_app"
     assert app["runtime_env"]["env_vars"]["VLLM_APP_SHA256"]  # and the replica checked it on start
 

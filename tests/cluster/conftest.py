@@ -48,17 +48,16 @@ def get_object(api, api_version, kind, namespace, name):
 
 
 def release_objects(api, namespace, release_name) -> list[str]:
-    """Kind/name of everything still labelled with this release (pods included)."""
+    """Kind/name of what is left of the release (pods and KubeRay's objects included)."""
     import pykube
 
     selector = {"app.kubernetes.io/instance": release_name}
-    found = []
-    for resource in (pykube.ConfigMap, pykube.Secret, pykube.Service, pykube.Pod, pykube.ServiceAccount,
-                     pykube.object_factory(api, "ray.io/v1", "RayService"),
-                     pykube.object_factory(api, "ray.io/v1", "RayCluster")):
-        for obj in resource.objects(api).filter(namespace=namespace, selector=selector):
-            found.append(f"{obj.kind}/{obj.name}")
-    return found
+    resources = (pykube.ConfigMap, pykube.Secret, pykube.Service, pykube.Pod, pykube.ServiceAccount,
+                 pykube.PersistentVolumeClaim, pykube.object_factory(api, "ray.io/v1", "RayService"),
+                 pykube.object_factory(api, "ray.io/v1", "RayCluster"))
+    objects = [obj.obj for resource in resources
+               for obj in resource.objects(api).filter(namespace=namespace, selector=selector)]
+    return cluster.leftovers(objects, release_name)
 
 
 @pytest.fixture(scope="module")

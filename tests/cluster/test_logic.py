@@ -69,3 +69,17 @@ def test_failure_report_should_show_status_events_and_log_tails():
     assert "FailedScheduling: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in report
     assert "Last 5 log lines of pod chat-head-xyz:" in report and "line 99" in report and "line 94" not in report
     assert "the RayService does not exist" in cluster.failure_report(None, [], {})
+
+
+def test_leftovers_should_name_what_the_release_left_except_what_helm_keeps():
+    def obj(kind, name, release, keep=False):
+        metadata = {"name": name, "labels": {"app.kubernetes.io/instance": release}}
+        if keep:
+            metadata["annotations"] = {"helm.sh/resource-policy": "keep"}
+        return {"kind": kind, "metadata": metadata}
+
+    objects = [obj("RayCluster", "chat-vllm-rayservice-x7k2p", "chat"), obj("Pod", "chat-head-abc", "chat"),
+               obj("PersistentVolumeClaim", "chat-vllm-rayservice-model-cache", "chat", keep=True),
+               obj("Pod", "other-head-xyz", "other")]
+    assert cluster.leftovers(objects, "chat") == ["Pod/chat-head-abc", "RayCluster/chat-vllm-rayservice-x7k2p"]
+    assert cluster.leftovers([], "chat") == []
