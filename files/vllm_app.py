@@ -521,20 +521,27 @@ def _api_key(serving: ServingArgs) -> Optional[bytes]:
     return key.encode()
 
 
-def _check_code_hash() -> None:
-    """Refuse to start on a stale copy of this file.
+def _wait_for_current_code(path: Optional[Path] = None, timeout_s: float = 300, poll_s: float = 2) -> bool:
+    """Whether this file is the version the Serve config expects; if not yet, wait for it.
 
-    A code change reaches the cluster twice: the ConfigMap volume (the kubelet updates it within a
-    minute or so) and the hash in serveConfigV2 (which makes Serve restart the app at once). If the
-    restart wins the race, this replica fails with a clear message and Serve retries it.
+    A code change reaches the cluster twice: the hash in serveConfigV2 (Serve restarts the app at
+    once) and the ConfigMap volume (the kubelet refreshes it within a minute or two). When the
+    restart wins that race, this process runs the old file: wait until the new one is on disk and
+    return False, so the caller reloads it. Failing instead would burn Serve's few start retries
+    and leave the app DEPLOY_FAILED.
     """
     expected = os.environ.get(CODE_HASH_ENV)
-    if not expected:
-        return
-    actual = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    if actual != expected:
-        raise RuntimeError(f"{__file__} has sha256 {actual}, but the Serve config expects {expected}: "
-                           "the app ConfigMap has not reached this pod yet. Serve retries the replica.")
+    path = path or Path(__file__)
+    if not expected or hashlib.sha256(path.read_bytes()).hexdigest() == expected:
+        return True
+    logger.warning("%s is not the version the Serve config expects yet; waiting for the ConfigMap update", path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(poll_s)
+        if hashlib.sha256(path.read_bytes()).hexdigest() == expected:
+            return False
+    raise RuntimeError(f"{path} still does not have sha256 {expected} after {timeout_s:.0f}s: the app "
+                       "ConfigMap has not reached this pod. Check that it is mounted without subPath.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,7 +569,10 @@ async def _http_error(request: Request, error: StarletteHTTPException):
 @serve.ingress(api)
 class VLLMServer:
     async def __init__(self, args: AppArgs):
-        _check_code_hash()
+        if not await asyncio.to_thread(_wait_for_current_code):
+            # This process already imported the old file; a fresh replica imports the new one.
+            raise RuntimeError("the app code on this pod changed while the replica started; "
+                               "Serve restarts it with the new code")
         self.args = args
         self.model_name = args.model.name
         self.created = int(time.time())
@@ -776,6 +786,12 @@ class VLLMServer:
 
 
 def build_app(args: dict) -> serve.Application:
+    if not _wait_for_current_code():
+        import importlib
+        import sys
+
+        # Serve imported the old file; build from the new one.
+        return importlib.reload(sys.modules[__name__]).build_app(args)
     try:
         app_args = AppArgs.model_validate(args)
     except ValidationError as error:

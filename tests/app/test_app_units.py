@@ -58,10 +58,30 @@ class TestArgsContract:
         with pytest.raises(RuntimeError, match="SOME_KEY_ENV"):
             vllm_app._api_key(vllm_app.ServingArgs(api_key_env="SOME_KEY_ENV"))
 
-    def test_a_stale_app_file_should_refuse_to_start(self, monkeypatch):
+    def test_current_code_should_start_at_once(self, monkeypatch):
+        import hashlib
+
+        monkeypatch.setenv(vllm_app.CODE_HASH_ENV, hashlib.sha256(Path(vllm_app.__file__).read_bytes()).hexdigest())
+        assert vllm_app._wait_for_current_code() is True
+        monkeypatch.delenv(vllm_app.CODE_HASH_ENV)
+        assert vllm_app._wait_for_current_code() is True  # outside a Serve config: nothing to check
+
+    def test_stale_code_should_wait_for_the_configmap_update(self, monkeypatch, tmp_path):
+        import hashlib
+        import threading
+
+        app_file = tmp_path / "vllm_app.py"
+        app_file.write_text("old")
+        monkeypatch.setenv(vllm_app.CODE_HASH_ENV, hashlib.sha256(b"new").hexdigest())
+        threading.Timer(0.3, app_file.write_text, args=("new",)).start()  # the kubelet's update
+        assert vllm_app._wait_for_current_code(app_file, timeout_s=10, poll_s=0.05) is False
+
+    def test_code_that_never_arrives_should_fail_clearly(self, monkeypatch, tmp_path):
+        app_file = tmp_path / "vllm_app.py"
+        app_file.write_text("old")
         monkeypatch.setenv(vllm_app.CODE_HASH_ENV, "0" * 64)
         with pytest.raises(RuntimeError, match="ConfigMap has not reached this pod"):
-            vllm_app._check_code_hash()
+            vllm_app._wait_for_current_code(app_file, timeout_s=0.2, poll_s=0.05)
 
 
 class TestTokenBudget:
