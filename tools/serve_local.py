@@ -29,7 +29,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Optional
 
 from tools import chart, tiny_model

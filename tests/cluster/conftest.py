@@ -79,7 +79,6 @@ def kube_api(kubeconfig, request):
 @pytest.fixture(scope="module")
 def prerequisites(kubeconfig, kube_api, pytestconfig) -> dict:
     """Everything the suite needs, checked first, each failure saying what to do."""
-    import pykube
 
     namespace = pytestconfig.getoption("cluster_namespace")
     if shutil.which("kubectl") is None:
