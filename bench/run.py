@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,12 +30,6 @@ LABELS = {"app": "this app", "original": "original design", "vllm": "vLLM server
 # A fixed prompt set of mixed lengths (about 10 to 200 tokens on the tiny model's tokenizer).
 _SENTENCE = "The small model answers the question about the river and the mountain city at night. "
 PROMPTS = [_SENTENCE * repeat for repeat in (1, 2, 4, 8, 1, 3, 6, 12)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def machine() -> dict:
@@ -148,7 +141,7 @@ def main(argv=None) -> int:
         model = str(tiny_model.build(serve_local.DEMO_MODEL_DIR))
         extra_env["HF_HUB_OFFLINE"] = "1"
     config, _ = serve_local.local_serve_config(args.values or [serve_local.DEFAULT_VALUES], model=model,
-                                               port=_free_port())
+                                               port=serve_local.free_port())
     served = config["applications"][0]["args"]["model"]["servedName"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,11 +150,11 @@ def main(argv=None) -> int:
     started = time.monotonic()
     for name in [name for name in SERVER_NAMES if name in args.servers.split(",")]:
         if name == "app":
-            server = servers.this_app(config, None, _free_port(), extra_env)
+            server = servers.this_app(config, None, serve_local.free_port(), extra_env)
         elif name == "original":
-            server = servers.original_design(config, _free_port(), extra_env)
+            server = servers.original_design(config, serve_local.free_port(), extra_env)
         else:
-            server = servers.vllm_server(config, _free_port(), extra_env)
+            server = servers.vllm_server(config, serve_local.free_port(), extra_env)
         with server as url:
             results[name] = run_server(name, url, served, args)
 

@@ -78,10 +78,7 @@ def vllm_server_command(kwargs: dict, port: int) -> list[str]:
 @contextlib.contextmanager
 def vllm_server(serve_config: dict, port: int, extra_env: dict, startup_timeout: float = 600):
     command = vllm_server_command(engine_kwargs(serve_config), port)
-    cache = REPO / ".cache"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),
-           "VLLM_NO_USAGE_STATS": "1", **extra_env}
+    env = {**os.environ, **serve_local.vllm_environment(), **extra_env}
     log = tempfile.NamedTemporaryFile("w+", prefix="vllm-server-", suffix=".log", delete=False)
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

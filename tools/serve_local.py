@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -41,6 +42,25 @@ API_KEY_ENV = "VLLM_RAYSERVICE_API_KEY"  # the name templates/_helpers.tpl gives
 
 class LocalServeError(Exception):
     pass
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (everything local listens on loopback only)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def vllm_environment() -> dict:
+    """Environment every local vLLM process gets: caches inside the tree, no usage reporting, and
+    a bounded KV cache (vLLM's CPU backend otherwise reserves most of the RAM)."""
+    cache = REPO / ".cache"
+    return {
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "VLLM_NO_USAGE_STATS": "1",
+    }
 
 
 def local_serve_config(values_files=(), set_values=(), model: Optional[str] = None,
@@ -91,20 +111,15 @@ class LocalServe:
     def _environment(self) -> dict:
         # Short temp path: Ray puts Unix sockets there, and their paths are length-limited.
         self._temp_dir = tempfile.mkdtemp(prefix="vrs-", dir="/tmp")
-        cache = REPO / ".cache"
         env = {
             # Ray 2.60 turns token auth on by default; this cluster is loopback-only and short-lived.
             "RAY_AUTH_MODE": "disabled",
             "RAY_USAGE_STATS_ENABLED": "0",
             # Workers import vllm_app from here, as pods do from the ConfigMap mount.
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "files"), os.environ.get("PYTHONPATH")])),
-            "VLLM_CACHE_ROOT": str(cache / "vllm"),
-            "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),
             "TMPDIR": self._temp_dir,
             "RAY_TMPDIR": self._temp_dir,
-            # vLLM's CPU backend otherwise reserves most of the RAM for KV cache.
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-            "VLLM_NO_USAGE_STATS": "1",
+            **vllm_environment(),
         }
         if self.api_key:
             env[API_KEY_ENV] = self.api_key

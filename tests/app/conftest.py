@@ -7,7 +7,6 @@ what these tests need: an API key, a queue limit small enough to overflow, and a
 
 import copy
 import shutil
-import socket
 from pathlib import Path
 
 import httpx
@@ -22,12 +21,6 @@ SERVED_NAME = "tiny-llama"
 MAX_ONGOING = 16
 MAX_QUEUED = 16  # Serve counts a burst waiting for assignment here, so it must hold a burst
 MAX_MODEL_LEN = 2048
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +51,7 @@ def server(tiny_model_dir, no_template_model_dir):
                     "maxQueuedRequests": MAX_QUEUED},
     }
     config, merged = serve_local.local_serve_config(
-        [serve_local.DEFAULT_VALUES], model=str(tiny_model_dir), port=_free_port(), values=values)
+        [serve_local.DEFAULT_VALUES], model=str(tiny_model_dir), port=serve_local.free_port(), values=values)
     # A second app on the same Ray: a model without a chat template, to check the 400 it must get.
     [app] = config["applications"]
     bare = copy.deepcopy(app)
@@ -68,7 +61,7 @@ def server(tiny_model_dir, no_template_model_dir):
     bare["deployments"][0]["ray_actor_options"]["num_cpus"] = 0
     config["applications"].append(bare)
     with serve_local.LocalServe(config, api_key=serve_local.api_key_from(merged),
-                                dashboard_port=_free_port(), extra_env={"HF_HUB_OFFLINE": "1"}) as running:
+                                dashboard_port=serve_local.free_port(), extra_env={"HF_HUB_OFFLINE": "1"}) as running:
         yield running
 
 

@@ -29,13 +29,16 @@ def test_the_submitted_config_should_be_the_charts_own(server):
     assert app["runtime_env"]["env_vars"]["VLLM_APP_SHA256"]  # and the replica checked it on start
 
 
+def _run_smoke_test(**env):
+    """files/smoke_test.py as `helm test` runs it, configured by SMOKE_TEST_* variables."""
+    return subprocess.run([sys.executable, str(REPO / "files" / "smoke_test.py")], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("with_key", [True, False], ids=["with-key", "without-key"])
 def test_the_helm_test_smoke_script_should_pass_against_the_endpoint(server, model_name, with_key):
-    env = {**os.environ, "SMOKE_TEST_URL": server.url, "SMOKE_TEST_MODEL": model_name}
-    if with_key:
-        env["SMOKE_TEST_API_KEY"] = API_KEY
-    result = subprocess.run([sys.executable, str(REPO / "files" / "smoke_test.py")], env=env,
-                            capture_output=True, text=True, timeout=300)
+    key = {"SMOKE_TEST_API_KEY": API_KEY} if with_key else {}
+    result = _run_smoke_test(SMOKE_TEST_URL=server.url, SMOKE_TEST_MODEL=model_name, **key)
     if with_key:
         assert result.returncode == 0, result.stdout + result.stderr
         assert "all 4 checks passed" in result.stdout
@@ -46,18 +49,13 @@ def test_the_helm_test_smoke_script_should_pass_against_the_endpoint(server, mod
 
 
 def test_the_smoke_script_should_fail_clearly_on_a_wrong_model_name(server):
-    env = {**os.environ, "SMOKE_TEST_URL": server.url, "SMOKE_TEST_MODEL": "not-served",
-           "SMOKE_TEST_API_KEY": API_KEY}
-    result = subprocess.run([sys.executable, str(REPO / "files" / "smoke_test.py")], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = _run_smoke_test(SMOKE_TEST_URL=server.url, SMOKE_TEST_MODEL="not-served", SMOKE_TEST_API_KEY=API_KEY)
     assert result.returncode == 1
     assert "'not-served' is not among the served models" in result.stdout
 
 
 def test_the_smoke_script_should_fail_clearly_when_nothing_listens():
-    env = {**os.environ, "SMOKE_TEST_URL": "http://127.0.0.1:9", "SMOKE_TEST_MODEL": "m", "SMOKE_TEST_TIMEOUT": "5"}
-    result = subprocess.run([sys.executable, str(REPO / "files" / "smoke_test.py")], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = _run_smoke_test(SMOKE_TEST_URL="http://127.0.0.1:9", SMOKE_TEST_MODEL="m", SMOKE_TEST_TIMEOUT="5")
     assert result.returncode == 1
     assert "FAIL models" in result.stdout and "did not answer" in result.stdout
 
@@ -82,20 +80,14 @@ def _session_processes(session_id: int) -> list[int]:
 
 def test_make_serve_should_serve_then_stop_everything_on_ctrl_c(tiny_model_dir):
     import signal
-    import socket
     import threading
     import time
 
     import httpx
 
-    def free_port():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
-    port = free_port()
+    port = serve_local.free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tools.serve_local", "--port", str(port), "--dashboard-port", str(free_port())],
+        [sys.executable, "-m", "tools.serve_local", "--port", str(port), "--dashboard-port", str(serve_local.free_port())],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output, serving = [], threading.Event()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import chart, cluster
+from tools import chart, cluster, serve_local
 
 REPO = Path(__file__).resolve().parents[2]
 HOW_TO_RUN = ("no cluster given: set KUBECONFIG or pass --kube-config=PATH, e.g. "
@@ -146,16 +146,10 @@ def release(prerequisites, kubeconfig, kube_api, pytestconfig):
         helm.uninstall(name, ignore_not_found=True, timeout=300)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def port_forward(release: Release, target: str, remote_port: int, timeout: float = 60):
     """kubectl port-forward to 127.0.0.1 on the test side; yields the local base URL."""
-    local = _free_port()
+    local = serve_local.free_port()
     process = subprocess.Popen(
         ["kubectl", "--kubeconfig", release.kubeconfig, "-n", release.namespace, "port-forward",
          "--address", "127.0.0.1", target, f"{local}:{remote_port}"],
