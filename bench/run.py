@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     report = {
         "machine": machine(),
         "settings": {"model": model, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
-                     "prompts": len(PROMPTS), "engine": servers.engine_kwargs(config)},
+                     "prompts": len(PROMPTS), "vllm_args": servers.server_settings(config)},
         "results": results,
         "ratios": ratios(results),
         "wall_time_s": round(time.monotonic() - started, 1),

@@ -1,7 +1,7 @@
 """The three servers the benchmark compares, each started on 127.0.0.1 and stopped after its run.
 
-All three get the same engine arguments, derived once from the chart-rendered args by the app's own
-mapping (vllm_app.vllm_engine_kwargs), so only the serving path differs:
+All three get the same engine and frontend arguments, derived once from the chart-rendered args by
+the app's own mapping (vllm_app.vllm_server_settings), so only the serving path differs:
   app       this chart's app, deployed from the chart's serveConfigV2 as `make serve` does
   original  the guide's design (bench/baseline_app.py) on the same local Ray and Serve options
   vllm      vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`), no Ray
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -26,9 +27,10 @@ sys.path.insert(0, str(REPO / "files"))
 import vllm_app  # noqa: E402  (the app's own args -> vLLM mapping)
 
 
-def engine_kwargs(serve_config: dict) -> dict:
+def server_settings(serve_config: dict) -> dict:
+    """What the app gives `vllm serve`'s argument parser, by vLLM's Python names."""
     args = vllm_app.AppArgs.model_validate(serve_config["applications"][0]["args"])
-    return vllm_app.vllm_engine_kwargs(args)
+    return vllm_app.vllm_server_settings(args)
 
 
 @contextlib.contextmanager
@@ -43,7 +45,7 @@ def original_design(serve_config: dict, dashboard_port: int, extra_env: dict):
     """The baseline on the same Ray and the same Serve deployment options as this app."""
     [app] = serve_config["applications"]
     [deployment] = app["deployments"]
-    kwargs = engine_kwargs(serve_config)
+    kwargs = vllm_app.vllm_engine_settings(vllm_app.AppArgs.model_validate(app["args"]))
     model = kwargs.pop("model")
     kwargs.pop("served_model_name")
     baseline = {
@@ -60,16 +62,18 @@ def original_design(serve_config: dict, dashboard_port: int, extra_env: dict):
 
 
 def vllm_server_command(kwargs: dict, port: int) -> list[str]:
-    """vLLM's OpenAI server with the same engine arguments, as command-line flags."""
+    """vLLM's OpenAI server with the same arguments, as command-line flags (unset ones left out)."""
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
     for name, value in kwargs.items():
         flag = "--" + name.replace("_", "-")
-        if value is None or value is False:
+        if value is None or value is False or value == "":
             continue
         if value is True:
             command.append(flag)
         elif isinstance(value, list):
             command += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            command += [flag, json.dumps(value)]
         else:
             command += [flag, str(value)]
     return command
@@ -77,7 +81,7 @@ def vllm_server_command(kwargs: dict, port: int) -> list[str]:
 
 @contextlib.contextmanager
 def vllm_server(serve_config: dict, port: int, extra_env: dict, startup_timeout: float = 600):
-    command = vllm_server_command(engine_kwargs(serve_config), port)
+    command = vllm_server_command(server_settings(serve_config), port)
     env = {**os.environ, **serve_local.vllm_environment(), **extra_env}
     log = tempfile.NamedTemporaryFile("w+", prefix="vllm-server-", suffix=".log", delete=False)
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -73,6 +73,24 @@ def check_chat_stream(base, model, key, timeout):
         raise CheckFailed(f"streaming chat: the first chunk does not carry the assistant role: {text[:300]}")
 
 
+def check_json_schema(base, model, key, timeout):
+    """JSON mode as agent frameworks use it: the answer must be valid against the schema sent."""
+    schema = {"type": "object", "properties": {"greeting": {"type": "string", "enum": ["hello", "hi"]}},
+              "required": ["greeting"], "additionalProperties": False}
+    body = {"model": model, "messages": [{"role": "user", "content": "Greet me in JSON."}], "max_tokens": 64,
+            "temperature": 1.0, "seed": 5,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "greeting", "schema": schema}}}
+    status, _, text = call("POST", f"{base}/v1/chat/completions", body, key, timeout)
+    expect_status("POST /v1/chat/completions with a json_schema", status, 200, text)
+    content = json.loads(text)["choices"][0]["message"]["content"]
+    try:
+        answer = json.loads(content)
+    except ValueError:
+        raise CheckFailed(f"json_schema: the answer is not JSON: {content[:300]!r}") from None
+    if not isinstance(answer, dict) or set(answer) != {"greeting"} or answer["greeting"] not in ("hello", "hi"):
+        raise CheckFailed(f"json_schema: the answer does not follow the schema: {content[:300]!r}")
+
+
 def check_auth_required(base, model, timeout):
     status, _, text = call("GET", f"{base}/v1/models", timeout=timeout)
     expect_status("GET /v1/models without the API key", status, 401, text)
@@ -87,6 +105,7 @@ def main():
         ("models", lambda: check_models(base, model, key, timeout)),
         ("chat", lambda: check_chat(base, model, key, timeout)),
         ("chat-stream", lambda: check_chat_stream(base, model, key, timeout)),
+        ("json-schema", lambda: check_json_schema(base, model, key, timeout)),
     ]
     if key:
         checks.append(("auth", lambda: check_auth_required(base, model, timeout)))

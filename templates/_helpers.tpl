@@ -159,6 +159,12 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "pipelineParallelSize" (int .Values.engine.pipelineParallelSize)
   "enforceEager" .Values.engine.enforceEager
   "extraArgs" .Values.engine.extraArgs }}
+{{- $openai := dict
+  "toolCallParser" .Values.openai.toolCallParser
+  "enableAutoToolChoice" .Values.openai.enableAutoToolChoice
+  "reasoningParser" .Values.openai.reasoningParser
+  "chatTemplateContentFormat" .Values.openai.chatTemplateContentFormat
+  "extraArgs" .Values.openai.extraArgs }}
 {{- $serving := dict
   "apiKeyEnv" (ternary (include "vllm-rayservice.apiKeyEnvName" .) "" (ne (include "vllm-rayservice.apiKeySecretName" .) ""))
   "logPrompts" .Values.serving.logPrompts }}
@@ -182,7 +188,7 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "import_path" "vllm_app:build_app"
   "route_prefix" "/"
   "runtime_env" (dict "env_vars" (dict "VLLM_APP_SHA256" (.Files.Get "files/vllm_app.py" | sha256sum)))
-  "args" (dict "model" $model "engine" $engine "serving" $serving)
+  "args" (dict "model" $model "engine" $engine "openai" $openai "serving" $serving)
   "deployments" (list $deployment) }}
 {{- $config := dict
   "proxy_location" "EveryNode"

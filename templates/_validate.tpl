@@ -23,6 +23,14 @@ keys and says what to change. Rendered (to nothing) at the top of rayservice.yam
 {{- $key := ternary "serving.autoscaling.maxReplicas" "serving.replicas" .Values.serving.autoscaling.enabled }}
 {{- fail (printf "%s = %d model replicas need %d worker pods (%s per pod), but workers.maxReplicas is %d. Raise workers.maxReplicas to at least %d or lower %s." $key $maxModelReplicas $workersNeeded (include "vllm-rayservice.replicasPerWorker" .) (int .Values.workers.maxReplicas) $workersNeeded $key) }}
 {{- end }}
+{{- if and .Values.openai.enableAutoToolChoice (not .Values.openai.toolCallParser) }}
+{{- fail "openai.enableAutoToolChoice is true but openai.toolCallParser is empty: vLLM needs the parser that reads the model's tool calls. Set openai.toolCallParser (e.g. hermes) or turn auto tool choice off." }}
+{{- end }}
+{{- range $name := list "api_key" "enable_request_id_headers" "disable_fastapi_docs" }}
+{{- if hasKey $.Values.openai.extraArgs $name }}
+{{- fail (printf "openai.extraArgs.%s is set by the app itself (README, \"The app contract\"): remove it%s." $name (ternary "; set serving.apiKey for an API key" "" (eq $name "api_key"))) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.serving.apiKey.existingSecret .Values.serving.apiKey.value }}
 {{- fail "serving.apiKey.existingSecret and serving.apiKey.value are both set: keep the one that holds the key you mean." }}
 {{- end }}

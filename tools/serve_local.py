@@ -37,6 +37,7 @@ from tools import chart, tiny_model
 REPO = chart.CHART_DIR
 DEFAULT_VALUES = REPO / "ci" / "05-cpu-kind-values.yaml"
 DEMO_MODEL_DIR = REPO / "build" / "tiny-llama"
+DEMO_MODEL_NAME = "tiny-llama"  # what clients send as `model` for the demo model, not a temp path
 API_KEY_ENV = "VLLM_RAYSERVICE_API_KEY"  # the name templates/_helpers.tpl gives the key's env var
 
 
@@ -81,7 +82,7 @@ class LocalServe:
     """A local Ray with the dashboard, running one serveConfigV2. Use as a context manager."""
 
     def __init__(self, config: dict, *, api_key: Optional[str] = None, dashboard_port: int = 8265,
-                 num_cpus: int = 2, extra_env: Optional[dict] = None):
+                 num_cpus: int = 2, extra_env: Optional[dict] = None, metrics_port: Optional[int] = None):
         self.config = config
         self.api_key = api_key
         self.dashboard_port = dashboard_port
@@ -90,6 +91,10 @@ class LocalServe:
         self.port = config["http_options"]["port"]
         self.url = f"http://127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        # Ray's Prometheus export of this node: Ray's, Serve's and vLLM's (`ray_vllm_*`) metrics,
+        # as on a pod's `metrics` port (8080) in the cluster.
+        self.metrics_port = metrics_port or free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self._temp_dir: Optional[str] = None
         self._saved_env: dict = {}
 
@@ -141,6 +146,7 @@ class LocalServe:
             dashboard_port=self.dashboard_port,
             object_store_memory=256 * 1024 * 1024,
             _node_ip_address="127.0.0.1",
+            _metrics_export_port=self.metrics_port,
             _temp_dir=self._temp_dir,
             log_to_driver=False,
         )
@@ -261,6 +267,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="model id or path (default: build and serve the tiny demo model)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dashboard-port", type=int, default=8265)
+    parser.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus metrics port")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args(argv)
 
@@ -271,8 +278,12 @@ def main(argv=None) -> int:
         print(f"Building the tiny demo model in {DEMO_MODEL_DIR} ...", flush=True)
         model = str(tiny_model.build(DEMO_MODEL_DIR))
         extra_env["HF_HUB_OFFLINE"] = "1"
+        # Served under a plain name; a --set model.servedName=... still wins.
+        demo = {"model": {"servedName": DEMO_MODEL_NAME}}
+    else:
+        demo = {}
     try:
-        config, values = local_serve_config(values_files, args.set_values, model, args.port)
+        config, values = local_serve_config(values_files, args.set_values, model, args.port, values=demo)
         api_key = api_key_from(values)
     except (chart.ChartError, LocalServeError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -285,11 +296,12 @@ def main(argv=None) -> int:
     print(f"Starting Ray and deploying {served} (first start takes a minute) ...", flush=True)
     try:
         with LocalServe(config, api_key=api_key, dashboard_port=args.dashboard_port,
-                        num_cpus=args.num_cpus, extra_env=extra_env) as server:
+                        num_cpus=args.num_cpus, extra_env=extra_env, metrics_port=args.metrics_port) as server:
             auth = ' -H "Authorization: Bearer $VLLM_RAYSERVICE_API_KEY"' if api_key else ""
             print(f"\nServing {served} on {server.url} (Ctrl-C stops it). Try:\n"
                   f"  curl {server.url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
-                  f"    -d '{{\"model\": \"{served}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",
+                  f"    -d '{{\"model\": \"{served}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+                  f"Metrics (Ray, Serve and vLLM's engine, for Prometheus): {server.metrics_url}\n",
                   flush=True)
             stop.wait()
             print("Stopping ...", flush=True)

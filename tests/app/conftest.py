@@ -46,7 +46,14 @@ NO_TEMPLATE_ROUTE = "/no-template"
 def server(tiny_model_dir, no_template_model_dir):
     values = {
         "model": {"servedName": SERVED_NAME},
-        "engine": {"maxModelLen": MAX_MODEL_LEN},
+        # JSON grammars without free whitespace: a random-weight model otherwise loops on blanks
+        # until max_tokens and never closes a tool call or a JSON object.
+        "engine": {"maxModelLen": MAX_MODEL_LEN, "extraArgs": {"structured_outputs_config": {
+            "backend": "xgrammar", "disable_any_whitespace": True}}},
+        # Tool calling as a user would set it up. The pythonic parser constrains named and required
+        # tool calls with a JSON schema (hermes uses a structural tag that allows free whitespace);
+        # the tiny model never writes a call by itself, so `auto` answers in text.
+        "openai": {"toolCallParser": "pythonic", "enableAutoToolChoice": True},
         "serving": {"apiKey": {"value": API_KEY}, "maxOngoingRequests": MAX_ONGOING,
                     "maxQueuedRequests": MAX_QUEUED},
     }

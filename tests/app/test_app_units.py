@@ -1,5 +1,6 @@
-"""Narrow unit tests of the app's pure parts: the args contract, token budgeting, frames, error
-mapping. The behaviour users see is tested against the real engine in the other modules."""
+"""Narrow unit tests of the app's own parts: the args contract, the arguments it gives vLLM's
+server, the gate in front of vLLM's app, usage counting. The behaviour users see is tested against
+the real engine in the other modules."""
 
 import json
 import sys
@@ -39,24 +40,67 @@ class TestArgsContract:
         with pytest.raises(ValueError, match="max_num_seq"):
             vllm_app.build_app({"model": {"id": "x"}, "engine": {"extraArgs": {"max_num_seq": 8}}})
 
-    def test_engine_kwargs_should_map_the_contract_to_vllm_names(self):
+    def test_server_settings_should_map_the_contract_to_vllm_names(self):
         args = vllm_app.AppArgs.model_validate({
             "model": {"id": "org/model", "servedName": "chat", "revision": "v1", "trustRemoteCode": True},
             "engine": {"dtype": "float16", "maxModelLen": 4096, "gpuMemoryUtilization": 0.8, "tensorParallelSize": 2,
-                       "enforceEager": True, "extraArgs": {"max_num_seqs": 8}}})
-        kwargs = vllm_app.vllm_engine_kwargs(args)
-        assert kwargs == {"model": "org/model", "served_model_name": ["chat"], "revision": "v1",
-                          "trust_remote_code": True, "dtype": "float16", "max_model_len": 4096,
-                          "gpu_memory_utilization": 0.8, "tensor_parallel_size": 2, "pipeline_parallel_size": 1,
-                          "enforce_eager": True, "distributed_executor_backend": "mp", "max_num_seqs": 8}
-        from vllm import AsyncEngineArgs
+                       "enforceEager": True, "extraArgs": {"max_num_seqs": 8}},
+            "openai": {"toolCallParser": "hermes", "enableAutoToolChoice": True, "reasoningParser": "qwen3",
+                       "chatTemplateContentFormat": "openai", "extraArgs": {"enable_prompt_tokens_details": True}}})
+        settings = vllm_app.vllm_server_settings(args)
+        assert settings == {
+            "model": "org/model", "served_model_name": ["chat"], "revision": "v1", "trust_remote_code": True,
+            "dtype": "float16", "max_model_len": 4096, "gpu_memory_utilization": 0.8, "tensor_parallel_size": 2,
+            "pipeline_parallel_size": 1, "enforce_eager": True, "distributed_executor_backend": "mp",
+            "max_num_seqs": 8, "reasoning_parser": "qwen3", "chat_template": None, "tool_call_parser": "hermes",
+            "enable_auto_tool_choice": True, "chat_template_content_format": "openai",
+            "enable_prompt_tokens_details": True, "disable_log_stats": False, "enable_log_requests": False,
+            "disable_fastapi_docs": True, "enable_request_id_headers": False, "api_key": None}
+        namespace = vllm_app.vllm_server_args(args)  # every name is one vLLM's server knows
+        assert (namespace.tool_call_parser, namespace.max_num_seqs, namespace.served_model_name) == (
+            "hermes", 8, ["chat"])
 
-        AsyncEngineArgs(**kwargs)  # every name is one vLLM knows
+    def test_auto_tool_choice_should_need_a_parser(self):
+        with pytest.raises(ValueError, match="enableAutoToolChoice needs toolCallParser"):
+            vllm_app.build_app({"model": {"id": "x"}, "openai": {"enableAutoToolChoice": True}})
+
+    def test_build_app_should_reject_an_unknown_vllm_frontend_argument(self):
+        with pytest.raises(ValueError, match="openai.extraArgs has keys .*enable_prompt_token_details"):
+            vllm_app.build_app({"model": {"id": "x"}, "openai": {"extraArgs": {"enable_prompt_token_details": 1}}})
+
+    def test_build_app_should_refuse_frontend_arguments_the_app_owns(self):
+        with pytest.raises(ValueError, match="openai.extraArgs.api_key .*serving.apiKey"):
+            vllm_app.build_app({"model": {"id": "x"}, "openai": {"extraArgs": {"api_key": "k"}}})
+
+    def test_a_config_object_argument_should_go_through_vllms_own_parser(self):
+        args = vllm_app.AppArgs.model_validate({"model": {"id": "x"}, "engine": {"extraArgs": {
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}}})
+        namespace = vllm_app.vllm_server_args(args)
+        assert namespace.structured_outputs_config.disable_any_whitespace is True
+        bad = vllm_app.AppArgs.model_validate({"model": {"id": "x"}, "engine": {"extraArgs": {
+            "structured_outputs_config": {"backend": "outlines", "disable_any_whitespace": True}}}})
+        with pytest.raises(Exception, match="disable_any_whitespace"):
+            vllm_app.vllm_server_args(bad)
+
+    def test_a_chat_template_value_should_reach_vllm_as_the_template_itself(self):
+        from vllm.entrypoints.chat_utils import load_chat_template
+
+        template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+        args = vllm_app.AppArgs.model_validate({"model": {"id": "x", "chatTemplate": template}})
+        assert load_chat_template(vllm_app.vllm_server_args(args).chat_template) == template
+
+    def test_a_vllm_of_another_shape_should_fail_naming_both_versions(self, monkeypatch):
+        import vllm
+
+        monkeypatch.setitem(sys.modules, "vllm.entrypoints.launchers.app", None)  # as if it moved
+        monkeypatch.setattr(vllm, "__version__", "9.9.9")
+        with pytest.raises(RuntimeError, match=r"vLLM 0\.29\.0.*vLLM 9\.9\.9 differs"):
+            vllm_app.vllm_server_args(vllm_app.AppArgs.model_validate(ARGS))
 
     def test_api_key_env_that_is_empty_should_refuse_to_start(self, monkeypatch):
         monkeypatch.delenv("SOME_KEY_ENV", raising=False)
         with pytest.raises(RuntimeError, match="SOME_KEY_ENV"):
-            vllm_app._api_key(vllm_app.ServingArgs(api_key_env="SOME_KEY_ENV"))
+            vllm_app._api_keys(vllm_app.ServingArgs(api_key_env="SOME_KEY_ENV"))
 
     def test_current_code_should_start_at_once(self, monkeypatch):
         import hashlib
@@ -84,98 +128,127 @@ class TestArgsContract:
             vllm_app._wait_for_current_code(app_file, timeout_s=0.2, poll_s=0.05)
 
 
-class TestTokenBudget:
-    def test_should_default_to_what_the_context_leaves(self):
-        assert vllm_app._fit_max_tokens(100, None, 512, "max_tokens", "prompt") == 412
-
-    def test_should_keep_what_fits(self):
-        assert vllm_app._fit_max_tokens(100, 412, 512, "max_tokens", "prompt") == 412
-
-    def test_should_refuse_what_does_not_fit(self):
-        with pytest.raises(vllm_app.OpenAIError) as failure:
-            vllm_app._fit_max_tokens(100, 413, 512, "max_tokens", "prompt")
-        assert (failure.value.status, failure.value.param) == (400, "max_tokens")
-
-    def test_should_refuse_a_prompt_that_fills_the_context(self):
-        with pytest.raises(vllm_app.OpenAIError) as failure:
-            vllm_app._fit_max_tokens(512, None, 512, "max_tokens", "messages")
-        assert (failure.value.param, failure.value.code) == ("messages", "context_length_exceeded")
 
 
-def _output(index, text, tokens, finish=None):
-    return SimpleNamespace(index=index, text=text, token_ids=list(range(tokens)), finish_reason=finish)
+class TestRoutes:
+    @pytest.mark.parametrize("method, path", [
+        ("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+        ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", "/v1/responses"), ("GET", "/v1/responses/resp_1"),
+        ("POST", "/v1/responses/resp_1/cancel"), ("POST", "/v1/embeddings"), ("POST", "/v1/messages")])
+    def test_the_openai_surface_should_pass(self, method, path):
+        assert vllm_app.route_status(method, path) == 200
+
+    @pytest.mark.parametrize("method, path", [
+        ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/scale_elastic_ep"),
+        ("POST", "/invocations"), ("GET", "/ping"), ("GET", "/load"), ("POST", "/reset_prefix_cache"),
+        ("POST", "/sleep"), ("POST", "/collective_rpc"), ("POST", "/inference/v1/generate"),
+        ("POST", "/v1/chat/completions/render"), ("GET", "/v1/responses/a/b/c")])
+    def test_development_and_admin_routes_should_not_exist(self, method, path):
+        assert vllm_app.route_status(method, path) == 404
+
+    def test_a_wrong_method_should_be_405(self):
+        assert vllm_app.route_status("GET", "/v1/chat/completions") == 405
 
 
-def _frames(raw):
-    return [json.loads(frame[len(b"data: "):]) for frame in raw]
+class TestUsageCounting:
+    @staticmethod
+    def _output(prompt_tokens, *choice_tokens, finished=False):
+        return SimpleNamespace(prompt_token_ids=list(range(prompt_tokens)), finished=finished,
+                               outputs=[SimpleNamespace(token_ids=list(range(n))) for n in choice_tokens])
+
+    def test_deltas_should_add_up(self):
+        record = vllm_app.RequestRecord("r", "POST", "/v1/chat/completions")
+        for first, output in [(True, self._output(5, 1, 1)), (False, self._output(5, 2, 0)),
+                              (False, self._output(5, 1, 1, finished=True))]:
+            record.count(output, delta=True, first=first)
+        assert (record.prompt_tokens, record.completion_tokens) == (5, 6)
+
+    def test_cumulative_outputs_should_count_once_at_the_end(self):
+        record = vllm_app.RequestRecord("r", "POST", "/v1/completions")
+        record.count(self._output(3, 4), delta=False, first=True)
+        record.count(self._output(3, 8, finished=True), delta=False, first=False)
+        assert (record.prompt_tokens, record.completion_tokens) == (3, 8)
 
 
-class TestFrames:
-    def test_chat_stream_should_open_with_the_role_and_count_tokens(self):
-        completion = vllm_app.Completion("chat", "m", 1, prompt_tokens=5)
-        [role] = _frames(completion.role_frames())
-        assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-        [delta] = _frames(completion.delta_frames([_output(0, "Hi", 2)]))
-        assert delta["choices"][0]["delta"] == {"content": "Hi"}
-        [last] = _frames(completion.delta_frames([_output(0, "", 1, "length")]))
-        assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
-        [usage] = _frames([completion.usage_frame()])
-        assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 5, "completion_tokens": 3,
-                                                             "total_tokens": 8}
+class TestGate:
+    """The gate around a recording ASGI app (vLLM's app is exercised for real elsewhere)."""
 
-    def test_text_stream_should_carry_text_and_no_role(self):
-        completion = vllm_app.Completion("text", "m", 1, prompt_tokens=1)
-        assert completion.role_frames() == []
-        [frame] = _frames(completion.delta_frames([_output(0, "abc", 1)]))
-        assert frame["object"] == "text_completion" and frame["choices"][0]["text"] == "abc"
-
-    def test_response_should_sum_usage_over_choices(self):
-        completion = vllm_app.Completion("chat", "m", 2, prompt_tokens=4)
-        answer = completion.response([_output(1, "b", 3, "stop"), _output(0, "a", 2, "length")])
-        assert [choice["index"] for choice in answer["choices"]] == [0, 1]
-        assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
-
-    def test_sse_frames_should_be_single_lines(self):
-        frame = vllm_app._sse({"text": "line one\nline two"})
-        assert frame.endswith(b"\n\n") and frame.count(b"\n") == 2
-
-
-class TestErrorMapping:
-    def test_client_mistakes_found_by_the_engine_should_be_400(self):
-        assert vllm_app._from_engine_error(ValueError("bad stop")).status == 400
-
-    def test_a_dead_engine_should_be_503(self):
-        EngineDeadError = type("EngineDeadError", (Exception,), {})
-        assert vllm_app._from_engine_error(EngineDeadError()).status == 503
-
-    def test_anything_else_should_be_500_without_details(self):
-        error = vllm_app._from_engine_error(KeyError("internal detail"))
-        assert error.status == 500 and "internal detail" not in error.message
-
-
-class TestChatTemplate:
-    """render_chat with the real tokenizer of the tiny model (no engine needed)."""
+    KEY = "k-123"
 
     @staticmethod
-    def _engine(model_dir, template=None):
-        from transformers import AutoTokenizer
+    def _run(gate, method, path, headers=None, body=b""):
+        import asyncio
 
-        args = vllm_app.AppArgs.model_validate({"model": {"id": str(model_dir), "chatTemplate": template or ""}})
-        engine = vllm_app.VLLMEngine(args)
-        engine.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return engine
+        import httpx
 
-    def test_should_use_the_tokenizers_own_template(self, tiny_model_dir):
-        engine = self._engine(tiny_model_dir)
-        text = engine.tokenizer.decode(engine.render_chat([{"role": "user", "content": "hello"}]))
-        assert text == "<|user|>\nhello</s>\n<|assistant|>\n"
+        async def call():
+            transport = httpx.ASGITransport(app=gate)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                return await client.request(method, path, headers=headers or {}, content=body)
 
-    def test_an_override_template_should_replace_it(self, tiny_model_dir):
-        engine = self._engine(tiny_model_dir, "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}")
-        assert engine.chat_template_available()
-        text = engine.tokenizer.decode(engine.render_chat([{"role": "user", "content": "hello"}]))
-        assert text == "[user] hello "
+        return asyncio.run(call())
 
-    def test_a_tokenizer_without_a_template_should_say_so(self, no_template_model_dir):
-        assert not self._engine(no_template_model_dir).chat_template_available()
-        assert self._engine(no_template_model_dir, "{{ messages }}").chat_template_available()
+    @staticmethod
+    def _inner(seen):
+        async def app(scope, receive, send):
+            seen.append(dict(scope["headers"]))
+            body, more = b"", True
+            while more:  # read the whole body, as FastAPI does
+                message = await receive()
+                body, more = body + message.get("body", b""), message.get("more_body", False)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+        return app
+
+    def _gate(self, seen, log_prompts=False):
+        return vllm_app.Gate(self._inner(seen), vllm_app.APIKeys({"default": self.KEY}), log_prompts)
+
+    def test_a_request_without_the_key_should_get_401_and_not_reach_vllm(self):
+        seen = []
+        response = self._run(self._gate(seen), "POST", "/tokenize", {"Authorization": "Bearer nope"})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert seen == []
+
+    def test_the_key_should_be_taken_as_bearer_or_x_api_key(self):
+        seen = []
+        gate = self._gate(seen)
+        assert self._run(gate, "POST", "/tokenize", {"Authorization": f"Bearer {self.KEY}"}).status_code == 200
+        assert self._run(gate, "POST", "/v1/messages", {"x-api-key": self.KEY}).status_code == 200
+        assert len(seen) == 2
+
+    def test_health_should_need_no_key(self):
+        assert self._run(self._gate([]), "GET", "/health").status_code == 200
+
+    def test_unknown_routes_should_get_an_openai_shaped_404_before_auth(self):
+        response = self._run(self._gate([]), "GET", "/metrics")
+        assert response.status_code == 404
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    def test_a_request_id_should_be_made_and_echoed_when_no_ingress_set_one(self):
+        seen = []
+        response = self._run(self._gate(seen), "POST", "/tokenize", {"Authorization": f"Bearer {self.KEY}"})
+        assert response.headers["x-request-id"] == seen[0][b"x-request-id"].decode()
+
+    def test_an_ingress_request_id_should_be_passed_on_and_left_for_the_ingress_to_echo(self):
+        seen = []
+        response = self._run(self._gate(seen), "POST", "/tokenize",
+                             {"Authorization": f"Bearer {self.KEY}", "X-Request-Id": "trace-1"})
+        assert seen[0][b"x-request-id"] == b"trace-1"
+        assert "x-request-id" not in response.headers  # Serve's ingress adds it: one header, not two
+
+    @pytest.mark.parametrize("log_prompts", [False, True])
+    def test_one_log_line_per_request_with_the_prompt_only_when_asked(self, caplog, log_prompts):
+        gate = self._gate([], log_prompts=log_prompts)
+        with caplog.at_level("INFO", logger="ray.serve"):
+            self._run(gate, "POST", "/v1/completions", {"Authorization": f"Bearer {self.KEY}",
+                                                        "X-Request-Id": "r-9"}, b'{"prompt": "SECRET"}')
+        [line] = [record.getMessage() for record in caplog.records if "request_id=r-9" in record.getMessage()]
+        assert "method=POST route=/v1/completions status=200" in line
+        assert ("SECRET" in line) is log_prompts
+        assert self.KEY not in line
+
+    def test_keys_should_be_compared_whole(self):
+        keys = vllm_app.APIKeys({"team-a": "alpha-key", "team-b": "beta-key"})
+        assert keys.name_of("beta-key") == "team-b"
+        assert keys.name_of("alpha") is None and keys.name_of("") is None
+        assert not vllm_app.APIKeys({}).enabled

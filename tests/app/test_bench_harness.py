@@ -55,10 +55,10 @@ def test_report_should_hold_ratios_a_table_and_a_plot(tmp_path):
 
 
 def test_all_servers_should_get_the_same_engine_arguments(server):
-    kwargs = servers.engine_kwargs(server.config)
+    kwargs = servers.server_settings(server.config)
     command = servers.vllm_server_command(kwargs, 8123)
     for name, value in kwargs.items():
-        if value not in (None, False):
+        if value not in (None, False, ""):
             assert "--" + name.replace("_", "-") in command
     assert command[command.index("--model") + 1] == kwargs["model"]
     assert "--enforce-eager" in command and command[command.index("--host") + 1] == "127.0.0.1"

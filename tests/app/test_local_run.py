@@ -41,7 +41,7 @@ def test_the_helm_test_smoke_script_should_pass_against_the_endpoint(server, mod
     result = _run_smoke_test(SMOKE_TEST_URL=server.url, SMOKE_TEST_MODEL=model_name, **key)
     if with_key:
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "all 4 checks passed" in result.stdout
+        assert "ok   json-schema" in result.stdout and "all 5 checks passed" in result.stdout
     else:
         # Without the key the endpoint refuses, and the script says which check failed and why.
         assert result.returncode == 1
@@ -87,7 +87,8 @@ def test_make_serve_should_serve_then_stop_everything_on_ctrl_c(tiny_model_dir):
 
     port = serve_local.free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tools.serve_local", "--port", str(port), "--dashboard-port", str(serve_local.free_port())],
+        [sys.executable, "-m", "tools.serve_local", "--port", str(port), "--dashboard-port", str(serve_local.free_port()),
+         "--metrics-port", str(serve_local.free_port())],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output, serving = [], threading.Event()
 
@@ -102,7 +103,8 @@ def test_make_serve_should_serve_then_stop_everything_on_ctrl_c(tiny_model_dir):
         assert serving.wait(timeout=400), "".join(output[-40:])
         assert any("curl http://127.0.0.1:" in line for line in output)  # it prints a curl to try
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).json()
-        assert models["data"][0]["id"] == str(tiny_model_dir)
+        assert models["data"][0]["id"] == "tiny-llama"  # the demo model's plain name, not its path
+        assert any("Metrics (Ray, Serve and vLLM's engine" in line for line in output)
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         assert process.wait(timeout=180) == 0, "".join(output[-40:])
         deadline = time.monotonic() + 30
@@ -112,3 +114,27 @@ def test_make_serve_should_serve_then_stop_everything_on_ctrl_c(tiny_model_dir):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_vllms_engine_metrics_should_reach_rays_metrics_port(server, http, model_name):
+    """vLLM's engine statistics go through Ray's metrics export, as on a pod's metrics port."""
+    import time
+
+    import httpx
+
+    answer = http.post("/v1/completions", json={"model": model_name, "prompt": "The river", "max_tokens": 5,
+                                                "ignore_eos": True})
+    assert answer.status_code == 200
+    wanted = ["ray_vllm_time_to_first_token_seconds_bucket", "ray_vllm_generation_tokens_total",
+              "ray_vllm_num_requests_running", "ray_vllm_kv_cache_usage_perc"]
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:  # Ray's agent exports every few seconds
+        text = httpx.get(server.metrics_url, timeout=30).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"not exported on {server.metrics_url}: {missing}"
+    generated = [line for line in text.splitlines()
+                 if line.startswith("ray_vllm_generation_tokens_total") and f'model_name="{model_name}"' in line]
+    assert generated and float(generated[0].rsplit(" ", 1)[1]) >= 5
