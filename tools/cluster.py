@@ -1,14 +1,17 @@
 """What the cluster suite decides from what a cluster reports: is the RayService ready, has it failed
-for good, how many Serve replicas run, and what to print when it does not become ready.
+for good, how many Serve replicas run, and what to print when it does not become ready; and which
+kubeconfig file every client of the suite reads.
 
 Plain functions over the objects a cluster returns (dicts), so the default test run checks them
-against recorded KubeRay statuses (tests/chart/test_cluster_logic.py) without a cluster.
+against recorded KubeRay statuses (tests/cluster/test_logic.py) without a cluster.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 # Serve application states (ray.serve.schema.ApplicationStatus) that no amount of waiting fixes.
@@ -133,3 +136,52 @@ def leftovers(objects: Iterable[dict], release: str) -> list[str]:
             continue
         left.append(f"{obj.get('kind')}/{metadata.get('name')}")
     return sorted(left)
+
+
+class KubeconfigError(Exception):
+    pass
+
+
+# Fields of a kubeconfig that name files; a relative path is relative to the file it is written in.
+_FILE_FIELDS = {"clusters": ("certificate-authority",), "users": ("client-certificate", "client-key", "tokenFile")}
+
+
+def resolve_kubeconfig(paths: str, workdir: Path) -> Path:
+    """The one kubeconfig file helm, kubectl and pykube all read.
+
+    `paths` is --kubeconfig or KUBECONFIG: one file, or several joined by os.pathsep as kubectl
+    allows. pykube reads a single file, so several are merged into one in `workdir` the way kubectl
+    merges them: files that do not exist are skipped, and the first file to define a cluster, user,
+    context or current-context wins.
+    """
+    import yaml
+
+    files = [Path(part).expanduser() for part in paths.split(os.pathsep) if part]
+    existing = [path.resolve() for path in files if path.is_file()]
+    if not existing:
+        raise KubeconfigError(f"no kubeconfig file found at {paths}: pass --kubeconfig=PATH to an existing file")
+    if len(existing) == 1:
+        return existing[0]
+    merged: dict = {"apiVersion": "v1", "kind": "Config", "clusters": [], "users": [], "contexts": []}
+    for path in existing:
+        doc = yaml.safe_load(path.read_text()) or {}
+        for section in ("clusters", "users", "contexts"):
+            known = {entry["name"] for entry in merged[section]}
+            for entry in doc.get(section) or []:
+                if entry.get("name") not in known:
+                    merged[section].append(_absolute_file_fields(section, entry, path.parent))
+        if doc.get("current-context") and not merged.get("current-context"):
+            merged["current-context"] = doc["current-context"]
+    target = Path(workdir) / "kubeconfig"
+    target.write_text(yaml.safe_dump(merged, sort_keys=False))
+    target.chmod(0o600)  # it may hold credentials
+    return target
+
+
+def _absolute_file_fields(section: str, entry: dict, base: Path) -> dict:
+    inner_key = section[:-1]  # clusters -> cluster, users -> user
+    inner = dict(entry.get(inner_key) or {})
+    for field in _FILE_FIELDS.get(section, ()):
+        if inner.get(field) and not Path(inner[field]).expanduser().is_absolute():
+            inner[field] = str(base / inner[field])
+    return {**entry, inner_key: inner}

@@ -19,8 +19,8 @@ import pytest
 from tools import chart, cluster, serve_local
 
 REPO = Path(__file__).resolve().parents[2]
-HOW_TO_RUN = ("no cluster given: set KUBECONFIG or pass --kube-config=PATH, e.g. "
-              "`make test-cluster PYTEST_ARGS=--kube-config=$HOME/.kube/config` (README, 'Cluster end-to-end suite')")
+HOW_TO_RUN = ("no cluster given: pass --kubeconfig=PATH or set KUBECONFIG, e.g. "
+              "`make test-cluster PYTEST_ARGS=--kubeconfig=$HOME/.kube/config` (README, 'Cluster end-to-end suite')")
 
 
 @dataclass
@@ -61,19 +61,28 @@ def release_objects(api, namespace, release_name) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def kubeconfig(pytestconfig):
-    path = pytestconfig.getoption("kube_config", default=None) or os.environ.get("KUBECONFIG")
-    if not path:
+def kubeconfig(pytestconfig, tmp_path_factory) -> str:
+    """One kubeconfig file for helm, kubectl and pykube: --kubeconfig (the option pytest-helm-charts
+    registers), else KUBECONFIG, which may list several files."""
+    paths = pytestconfig.getoption("kubeconfig", default=None) or os.environ.get("KUBECONFIG")
+    if not paths:
         pytest.skip(HOW_TO_RUN)
-    if not Path(path).expanduser().exists():
-        pytest.fail(f"the kubeconfig {path} does not exist")
-    return str(Path(path).expanduser())
+    try:
+        return str(cluster.resolve_kubeconfig(paths, tmp_path_factory.mktemp("kubeconfig")))
+    except cluster.KubeconfigError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="module")
-def kube_api(kubeconfig, request):
-    # pytest-helm-charts' cluster fixture: a pykube client for the given kubeconfig.
-    return request.getfixturevalue("kube_cluster").kube_client
+def kube_config(kubeconfig) -> str:
+    """Overrides pytest-helm-charts' fixture of this name, so its pykube client reads the same file."""
+    return kubeconfig
+
+
+@pytest.fixture(scope="module")
+def kube_api(kube_cluster):
+    # pytest-helm-charts' cluster fixture: a pykube client for the kubeconfig above.
+    return kube_cluster.kube_client
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +90,11 @@ def prerequisites(kubeconfig, kube_api, pytestconfig) -> dict:
     """Everything the suite needs, checked first, each failure saying what to do."""
 
     namespace = pytestconfig.getoption("cluster_namespace")
-    if shutil.which("kubectl") is None:
-        pytest.fail("kubectl is not on PATH: the suite port-forwards with it. Install kubectl.")
     try:
         version = kube_api.version
     except Exception as error:  # any transport error: the server is not reachable with this config
-        pytest.fail(f"the API server in {kubeconfig} is not reachable: {error}")
+        pytest.fail(f"API server unreachable: {kube_api.config.cluster.get('server')} (kubeconfig {kubeconfig}, "
+                    f"context {kube_api.config.current_context}): {error}", pytrace=False)
     crd = get_object(kube_api, "apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "rayservices.ray.io")
     if crd is None:
         pytest.fail("the rayservices.ray.io CRD is not installed: install the KubeRay operator first, e.g. "
@@ -94,6 +102,8 @@ def prerequisites(kubeconfig, kube_api, pytestconfig) -> dict:
     if get_object(kube_api, "v1", "Namespace", None, namespace) is None:
         pytest.fail(f"namespace {namespace} does not exist: kubectl create namespace {namespace}, "
                     "or pass --cluster-namespace")
+    if shutil.which("kubectl") is None:
+        pytest.fail("kubectl is not on PATH: the suite port-forwards with it. Install kubectl.")
     operator_version = crd["metadata"].get("annotations", {}).get("controller-gen.kubebuilder.io/version", "?")
     return {"kubernetes": version, "crd_versions": [v["name"] for v in crd["spec"]["versions"]],
             "crd_controller_gen": operator_version, "namespace": namespace}
