@@ -96,6 +96,19 @@ class TestWorkers:
         assert "gpu" not in yaml.safe_dump(_worker_container(rendered)["resources"])
         assert _deployment(rendered)["ray_actor_options"]["num_gpus"] == 0
 
+    def test_cpu_workers_should_give_ray_the_cpus_of_exactly_one_replica(self, render):
+        """Otherwise Ray counts the pod's CPU limit, Serve packs a second replica onto the same pod
+        and the autoscaler never adds the worker the scale step waits for."""
+        rendered = chart.render(values_files=[chart.CHART_DIR / "ci" / "05-cpu-kind-values.yaml"])
+        assert _workers(rendered)["rayStartParams"]["num-cpus"] == "1"
+        assert _deployment(rendered)["ray_actor_options"]["num_cpus"] == 1
+        rendered = render({"workers": {"gpus": 0, "tolerations": []}, "serving": {"replicaCpus": 2}})
+        assert _workers(rendered)["rayStartParams"]["num-cpus"] == "2"
+        assert _deployment(rendered)["ray_actor_options"]["num_cpus"] == 2
+
+    def test_gpu_workers_should_leave_ray_cpus_to_kuberay(self, render):
+        assert "num-cpus" not in _workers(render())["rayStartParams"]  # the GPU count places replicas
+
     def test_should_check_only_raylet_health_for_readiness(self, render):
         probe = _worker_container(render())["readinessProbe"]
         command = " ".join(probe["exec"]["command"])
