@@ -124,15 +124,20 @@ def failure_report(rayservice: Optional[dict], events: Iterable[dict], pod_logs:
     return "\n".join(parts)
 
 
+def is_hook(obj: dict) -> bool:
+    return "helm.sh/hook" in (obj.get("metadata", {}).get("annotations") or {})
+
+
 def leftovers(objects: Iterable[dict], release: str) -> list[str]:
     """Kind/name of the objects still belonging to `release` after an uninstall, except those Helm
-    keeps on purpose (`helm.sh/resource-policy: keep`, such as the model cache claim)."""
+    keeps on purpose (`helm.sh/resource-policy: keep`, such as the model cache claim) and hooks,
+    such as a failed `helm test` pod: uninstall deletes only the release manifest, never hooks."""
     left = []
     for obj in objects:
         metadata = obj.get("metadata", {})
         if metadata.get("labels", {}).get("app.kubernetes.io/instance") != release:
             continue
-        if metadata.get("annotations", {}).get("helm.sh/resource-policy") == "keep":
+        if (metadata.get("annotations") or {}).get("helm.sh/resource-policy") == "keep" or is_hook(obj):
             continue
         left.append(f"{obj.get('kind')}/{metadata.get('name')}")
     return sorted(left)

@@ -60,6 +60,16 @@ def release_objects(api, namespace, release_name) -> list[str]:
     return cluster.leftovers(objects, release_name)
 
 
+def delete_test_pods(api, namespace, release_name) -> None:
+    """A failed `helm test` keeps its pod for debugging; uninstall never deletes hooks."""
+    import pykube
+
+    for pod in pykube.Pod.objects(api).filter(namespace=namespace,
+                                              selector={"app.kubernetes.io/instance": release_name}):
+        if cluster.is_hook(pod.obj):
+            pod.delete()
+
+
 @pytest.fixture(scope="module")
 def kubeconfig(pytestconfig, tmp_path_factory) -> str:
     """One kubeconfig file for helm, kubectl and pykube: --kubeconfig (the option pytest-helm-charts
@@ -154,6 +164,7 @@ def release(prerequisites, kubeconfig, kube_api, pytestconfig):
     finally:
         # Clean up on failure too; the uninstall test checks the result when it runs.
         helm.uninstall(name, ignore_not_found=True, timeout=300)
+        delete_test_pods(kube_api, namespace, name)
 
 
 @contextlib.contextmanager

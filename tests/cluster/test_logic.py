@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools import cluster
+from tools import chart, cluster
 
 RECORDED = yaml.safe_load((Path(__file__).parent / "recorded_statuses.yaml").read_text())
 
@@ -71,15 +71,17 @@ def test_failure_report_should_show_status_events_and_log_tails():
     assert "the RayService does not exist" in cluster.failure_report(None, [], {})
 
 
-def test_leftovers_should_name_what_the_release_left_except_what_helm_keeps():
-    def obj(kind, name, release, keep=False):
+def test_leftovers_should_name_what_the_release_left_except_what_helm_keeps_and_hooks():
+    def obj(kind, name, release, annotations=None):
         metadata = {"name": name, "labels": {"app.kubernetes.io/instance": release}}
-        if keep:
-            metadata["annotations"] = {"helm.sh/resource-policy": "keep"}
+        if annotations:
+            metadata["annotations"] = annotations
         return {"kind": kind, "metadata": metadata}
 
+    test_pod = chart.render(release="chat").one("Pod")  # the chart's own `helm test` hook
     objects = [obj("RayCluster", "chat-vllm-rayservice-x7k2p", "chat"), obj("Pod", "chat-head-abc", "chat"),
-               obj("PersistentVolumeClaim", "chat-vllm-rayservice-model-cache", "chat", keep=True),
-               obj("Pod", "other-head-xyz", "other")]
+               obj("PersistentVolumeClaim", "chat-vllm-rayservice-model-cache", "chat",
+                   {"helm.sh/resource-policy": "keep"}),
+               test_pod, obj("Pod", "other-head-xyz", "other")]
     assert cluster.leftovers(objects, "chat") == ["Pod/chat-head-abc", "RayCluster/chat-vllm-rayservice-x7k2p"]
     assert cluster.leftovers([], "chat") == []
