@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Optional
 APP_FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
 # RayService Ready-condition reasons (KubeRay >= 1.3) that mean it will not become ready by itself.
 TERMINAL_REASONS = {"InitializingTimeout", "ValidationFailed"}
+# Warning events KubeRay < 1.5 emits, instead of a condition, when it refuses a RayService.
+REJECTED_EVENT_REASONS = {"InvalidRayServiceSpec", "InvalidRayServiceMetadata"}
 
 
 @dataclass
@@ -31,42 +33,72 @@ def _condition(rayservice: dict, kind: str) -> Optional[dict]:
     return next((c for c in rayservice.get("status", {}).get("conditions", []) or [] if c.get("type") == kind), None)
 
 
-def app_status(rayservice: dict, app: str = "llm") -> dict:
-    """The Serve application's status as the RayService reports it for the active cluster."""
-    statuses = rayservice.get("status", {}).get("activeServiceStatus", {}).get("applicationStatuses") or {}
-    return statuses.get(app, {})
+def _cluster_status(rayservice: dict, which: str) -> dict:
+    """activeServiceStatus or pendingServiceStatus. After a promotion KubeRay leaves the pending one
+    as an empty struct that still serializes, so only rayClusterName says a cluster is there."""
+    return (rayservice.get("status") or {}).get(which) or {}
 
 
-def readiness(rayservice: dict, app: str = "llm") -> Readiness:
-    """Ready when KubeRay says so for the current spec and the app runs; failed when it cannot recover.
+def app_status(rayservice: dict, app: str = "llm", which: str = "activeServiceStatus") -> dict:
+    """The Serve application's status as the RayService reports it for one of its clusters."""
+    return (_cluster_status(rayservice, which).get("applicationStatuses") or {}).get(app) or {}
 
-    KubeRay >= 1.3 reports a `Ready` condition; older releases only `serviceStatus: Running`. Either
-    way the status must be for the current spec (observedGeneration), so that a ready status left
-    over from before an upgrade is not taken for the upgraded one.
+
+def _rejection(rayservice: dict, events: Iterable[dict]) -> Optional[str]:
+    """Why KubeRay refused this RayService, if it did: a terminal Ready reason (KubeRay >= 1.5 for
+    ValidationFailed) or, before that, only a Warning event."""
+    ready = _condition(rayservice, "Ready")
+    if ready is not None and ready.get("status") != "True" and ready.get("reason") in TERMINAL_REASONS:
+        return f"Ready is {ready.get('status')} ({ready.get('reason')}): {ready.get('message', '')}"
+    name = rayservice.get("metadata", {}).get("name")
+    for event in events:
+        involved = event.get("involvedObject") or event.get("regarding") or {}
+        if (event.get("type") == "Warning" and event.get("reason") in REJECTED_EVENT_REASONS
+                and involved.get("kind") == "RayService" and involved.get("name") == name):
+            return f"KubeRay refused the RayService ({event['reason']}): {event.get('message') or event.get('note', '')}"
+    return None
+
+
+def readiness(rayservice: dict, app: str = "llm", events: Iterable[dict] = ()) -> Readiness:
+    """Ready when KubeRay says so for the current spec, no new cluster is pending and the app runs
+    on the active cluster; failed when it cannot recover by waiting.
+
+    A new RayService reports its app under pendingServiceStatus until KubeRay promotes the cluster,
+    and so does a cluster upgrade: a broken app shows up there first, so both are read. KubeRay >=
+    1.3 reports a `Ready` condition; older releases only `serviceStatus: Running`. Either way the
+    status must be for the current spec (observedGeneration), so that a ready status left over from
+    before an upgrade is not taken for the upgraded one.
     """
     status = rayservice.get("status") or {}
     generation = rayservice.get("metadata", {}).get("generation", 0)
-    application = app_status(rayservice, app)
-    app_state = application.get("status", "")
-    if app_state in APP_FAILED:
-        return Readiness(False, True, f"Serve application {app} is {app_state}: {application.get('message', '')}")
+    for which, cluster_role in (("pendingServiceStatus", "pending"), ("activeServiceStatus", "active")):
+        application = app_status(rayservice, app, which)
+        if application.get("status") in APP_FAILED:
+            name = _cluster_status(rayservice, which).get("rayClusterName", "")
+            return Readiness(False, True, f"Serve application {app} on the {cluster_role} cluster {name} is "
+                                          f"{application['status']}: {application.get('message', '')}".strip())
+    rejection = _rejection(rayservice, events)
+    if rejection:
+        return Readiness(False, True, rejection)
     ready_condition = _condition(rayservice, "Ready")
     if ready_condition is not None:
         observed = ready_condition.get("observedGeneration", status.get("observedGeneration", 0))
-        reason = ready_condition.get("reason", "")
         if ready_condition.get("status") != "True":
-            failed = reason in TERMINAL_REASONS
-            return Readiness(False, failed, f"Ready is {ready_condition.get('status')} ({reason}): "
-                                            f"{ready_condition.get('message', '')}".strip())
+            return Readiness(False, False, f"Ready is {ready_condition.get('status')} "
+                                           f"({ready_condition.get('reason', '')}): "
+                                           f"{ready_condition.get('message', '')}".strip())
     else:
         observed = status.get("observedGeneration", 0)
         if status.get("serviceStatus") != "Running":
             return Readiness(False, False, f"serviceStatus is {status.get('serviceStatus') or 'empty'}")
     if observed < generation:
         return Readiness(False, False, f"status is for generation {observed}, the spec is at {generation}")
-    upgrading = _condition(rayservice, "UpgradeInProgress")
-    if upgrading is not None and upgrading.get("status") == "True":
-        return Readiness(False, False, f"upgrade in progress: {upgrading.get('message', '')}")
+    pending = _cluster_status(rayservice, "pendingServiceStatus").get("rayClusterName")
+    if pending:
+        pending_state = app_status(rayservice, app, "pendingServiceStatus").get("status") or "not reported yet"
+        return Readiness(False, False, f"upgrade in progress: new cluster {pending} is being prepared "
+                                       f"(Serve application {app} there: {pending_state})")
+    app_state = app_status(rayservice, app).get("status", "")
     if app_state != "RUNNING":
         return Readiness(False, False, f"Serve application {app} is {app_state or 'not reported yet'}")
     return Readiness(True, False, "ready")

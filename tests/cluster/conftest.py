@@ -135,9 +135,19 @@ def _failure_report(api, namespace, release_name, rayservice) -> str:
     return cluster.failure_report(rayservice, events, logs)
 
 
+def rayservice_events(release: Release) -> list[dict]:
+    import pykube
+
+    return [event.obj for event in pykube.Event.objects(release.api).filter(
+        namespace=release.namespace, field_selector={"involvedObject.name": release.fullname})]
+
+
 def wait_ready(release: Release, timeout: float) -> None:
+    def check():
+        return cluster.readiness(release.rayservice() or {}, events=rayservice_events(release))
+
     try:
-        cluster.wait_for(lambda: cluster.readiness(release.rayservice() or {}), timeout=timeout, poll=10)
+        cluster.wait_for(check, timeout=timeout, poll=10)
     except (cluster.WaitTimeout, cluster.WaitFailed) as error:
         pytest.fail(f"{error}\n\n{_failure_report(release.api, release.namespace, release.name, release.rayservice())}")
 
