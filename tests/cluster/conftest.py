@@ -167,14 +167,20 @@ def release(prerequisites, kubeconfig, kube_api, pytestconfig):
     rendered = chart.render(values, release=name, namespace=namespace)
     subject = Release(name=name, fullname=rendered.rayservice()["metadata"]["name"], namespace=namespace,
                       values=values, kubeconfig=kubeconfig, helm=helm, api=kube_api)
-    helm.install(str(REPO), name, values, namespace=namespace, timeout=300)
+    yield from installed(subject, pytestconfig.getoption("cluster_ready_timeout"))
+
+
+def installed(release: Release, ready_timeout: float):
+    """Install, wait until ready, hand the release to the tests, then uninstall it whatever happened:
+    also when the install itself fails, since a release Helm records as failed still holds objects.
+    The uninstall test checks the result when it runs."""
     try:
-        wait_ready(subject, pytestconfig.getoption("cluster_ready_timeout"))
-        yield subject
+        release.helm.install(str(REPO), release.name, release.values, namespace=release.namespace, timeout=300)
+        wait_ready(release, ready_timeout)
+        yield release
     finally:
-        # Clean up on failure too; the uninstall test checks the result when it runs.
-        helm.uninstall(name, ignore_not_found=True, timeout=300)
-        delete_test_pods(kube_api, namespace, name)
+        release.helm.uninstall(release.name, ignore_not_found=True, timeout=300)
+        delete_test_pods(release.api, release.namespace, release.name)
 
 
 @contextlib.contextmanager
