@@ -9,6 +9,7 @@ against recorded KubeRay statuses (tests/cluster/test_logic.py) without a cluste
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,3 +223,40 @@ def _absolute_file_fields(section: str, entry: dict, base: Path) -> dict:
         if inner.get(field) and not Path(inner[field]).expanduser().is_absolute():
             inner[field] = str(base / inner[field])
     return {**entry, inner_key: inner}
+
+
+# The exec credential plugin versions pykube-ng 23.6 (the suite's API client) can run.
+PYKUBE_EXEC_VERSIONS = ("client.authentication.k8s.io/v1beta1", "client.authentication.k8s.io/v1alpha1")
+
+
+def credential_problem(user_name: str, user: dict) -> Optional[str]:
+    """What keeps the suite's API client from authenticating as this kubeconfig user, if anything.
+
+    Managed clusters (EKS, GKE, AKS) hand out credentials through an exec plugin; pykube runs it only
+    at the v1alpha1/v1beta1 protocol and fails on the first request otherwise.
+    """
+    plugin = user.get("exec")
+    if not plugin:
+        return None
+    version, command = plugin.get("apiVersion", ""), plugin.get("command", "")
+    if version not in PYKUBE_EXEC_VERSIONS:
+        return (f"the kubeconfig user {user_name} gets credentials from the exec plugin {command} at {version}, but "
+                f"pykube-ng 23.6, the suite's API client, runs exec plugins only at {' or '.join(PYKUBE_EXEC_VERSIONS)}. "
+                f"Set that user's exec apiVersion to {PYKUBE_EXEC_VERSIONS[0]} if the plugin supports it (the "
+                "common cloud plugins do), or pass a kubeconfig with a token or client certificate.")
+    if shutil.which(command) is None:
+        return (f"the kubeconfig user {user_name} gets credentials from the exec plugin {command}, which is not "
+                "on PATH: install it (your cloud provider's CLI or auth plugin) or fix the path in the kubeconfig.")
+    return None
+
+
+def explain_api_error(error: Exception, permission: str) -> str:
+    """A refused cluster-scoped read, said so that a user knows which permission to ask for."""
+    code = getattr(error, "code", None) or getattr(getattr(error, "response", None), "status_code", None)
+    if code == 403:
+        return (f"403 Forbidden: the kubeconfig's user may not {permission}. The suite checks this before installing; "
+                f"ask a cluster admin for that permission (a ClusterRole) or run with an admin kubeconfig. ({error})")
+    if code == 401:
+        return (f"401 Unauthorized while trying to {permission}: the API server did not accept the kubeconfig's "
+                f"credentials; refresh them (an expired token or certificate, or a failing exec plugin). ({error})")
+    return f"could not {permission}: {error}"

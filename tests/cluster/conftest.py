@@ -98,18 +98,31 @@ def kube_api(kube_cluster):
 @pytest.fixture(scope="module")
 def prerequisites(kubeconfig, kube_api, pytestconfig) -> dict:
     """Everything the suite needs, checked first, each failure saying what to do."""
-
     namespace = pytestconfig.getoption("cluster_namespace")
+    context = kube_api.config.current_context
+    user_name = kube_api.config.contexts[context].get("user", "")
+    problem = cluster.credential_problem(user_name, kube_api.config.user)
+    if problem:
+        pytest.fail(problem, pytrace=False)
     try:
         version = kube_api.version
     except Exception as error:  # any transport error: the server is not reachable with this config
         pytest.fail(f"API server unreachable: {kube_api.config.cluster.get('server')} (kubeconfig {kubeconfig}, "
-                    f"context {kube_api.config.current_context}): {error}", pytrace=False)
-    crd = get_object(kube_api, "apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "rayservices.ray.io")
+                    f"context {context}): {error}", pytrace=False)
+    # Both reads are cluster-scoped: users limited to a namespace get a 403 here.
+    permission = "get customresourcedefinitions.apiextensions.k8s.io (rayservices.ray.io)"
+    try:
+        crd = get_object(kube_api, "apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "rayservices.ray.io")
+    except Exception as error:
+        pytest.fail(cluster.explain_api_error(error, permission), pytrace=False)
     if crd is None:
         pytest.fail("the rayservices.ray.io CRD is not installed: install the KubeRay operator first, e.g. "
                     "helm install kuberay-operator kuberay/kuberay-operator -n kuberay-system --create-namespace")
-    if get_object(kube_api, "v1", "Namespace", None, namespace) is None:
+    try:
+        found = get_object(kube_api, "v1", "Namespace", None, namespace)
+    except Exception as error:
+        pytest.fail(cluster.explain_api_error(error, f"get namespaces ({namespace})"), pytrace=False)
+    if found is None:
         pytest.fail(f"namespace {namespace} does not exist: kubectl create namespace {namespace}, "
                     "or pass --cluster-namespace")
     if shutil.which("kubectl") is None:

@@ -59,6 +59,16 @@ class TestCommandLine:
         assert result.returncode == 1, output
         assert "API server unreachable" in output and "context kind-llm" in output
 
+    def test_an_exec_plugin_pykube_cannot_run_should_be_named_before_any_request(self, tmp_path):
+        exec_v1 = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "gke-gcloud-auth-plugin",
+                            "interactiveMode": "IfAvailable"}}
+        config = _kubeconfig(tmp_path / "config", _dead_server(), **exec_v1)
+        result = _run_prerequisites(f"--kubeconfig={config}")
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert "exec plugin gke-gcloud-auth-plugin at client.authentication.k8s.io/v1," in output
+        assert "API server unreachable" not in output
+
     def test_no_kubeconfig_should_skip_and_say_how_to_run(self):
         result = _run_prerequisites("-rs")
         output = result.stdout + result.stderr
@@ -95,3 +105,33 @@ class TestResolveKubeconfig:
     def test_no_existing_file_should_say_so(self, tmp_path):
         with pytest.raises(cluster.KubeconfigError, match="no kubeconfig file found"):
             cluster.resolve_kubeconfig(str(tmp_path / "missing"), tmp_path)
+
+
+class TestCredentialsAndPermissions:
+    def test_exec_plugins_at_the_versions_pykube_runs_should_pass(self):
+        user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": sys.executable}}
+        assert cluster.credential_problem("eks", user) is None
+        assert cluster.credential_problem("kind", {"client-certificate-data": "x", "client-key-data": "y"}) is None
+
+    def test_an_exec_plugin_missing_from_path_should_be_named(self):
+        user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": "kubelogin-not-here"}}
+        assert "kubelogin-not-here, which is not on PATH" in cluster.credential_problem("aks", user)
+
+    @pytest.mark.parametrize("make_error", [
+        lambda: __import__("pykube").exceptions.HTTPError(403, "namespaces is forbidden"),
+        lambda: _requests_error(403),
+    ], ids=["pykube", "requests"])
+    def test_a_403_should_name_the_permission_to_ask_for(self, make_error):
+        message = cluster.explain_api_error(make_error(), "get namespaces (llm)")
+        assert message.startswith("403 Forbidden: the kubeconfig's user may not get namespaces (llm)")
+
+    def test_a_401_should_say_the_credentials_were_refused(self):
+        assert "did not accept the kubeconfig's credentials" in cluster.explain_api_error(_requests_error(401), "x")
+
+
+def _requests_error(status: int):
+    import requests
+
+    response = requests.Response()
+    response.status_code = status
+    return requests.HTTPError(f"{status} Client Error", response=response)
