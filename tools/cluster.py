@@ -8,6 +8,7 @@ against recorded KubeRay statuses (tests/cluster/test_logic.py) without a cluste
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import time
@@ -113,12 +114,26 @@ class WaitFailed(Exception):
     pass
 
 
+class PortForwardError(ConnectionError):
+    """kubectl port-forward did not come up (or died): the pod behind it may be restarting."""
+
+
+# Errors that mean "not reachable right now", not "broken": a 503 from the dashboard while Serve
+# reconfigures, a refused or reset connection, a port-forward that died with its pod.
+TRANSIENT_ERRORS = (OSError, http.client.HTTPException)
+
+
 def wait_for(check: Callable[[], Readiness], timeout: float, poll: float = 5.0,
-             clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> Readiness:
-    """Poll `check` until ready (returned), failed for good (WaitFailed) or out of time (WaitTimeout)."""
+             clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+             transient: tuple = ()) -> Readiness:
+    """Poll `check` until ready (returned), failed for good (WaitFailed) or out of time (WaitTimeout).
+    An exception in `transient` counts as "not ready yet"."""
     deadline = clock() + timeout
     while True:
-        state = check()
+        try:
+            state = check()
+        except transient as error:
+            state = Readiness(False, False, f"not reachable yet: {type(error).__name__}: {error}")
         if state.ready:
             return state
         if state.failed:

@@ -160,7 +160,7 @@ def wait_ready(release: Release, timeout: float) -> None:
         return cluster.readiness(release.rayservice() or {}, events=rayservice_events(release))
 
     try:
-        cluster.wait_for(check, timeout=timeout, poll=10)
+        cluster.wait_for(check, timeout=timeout, poll=10, transient=cluster.TRANSIENT_ERRORS)
     except (cluster.WaitTimeout, cluster.WaitFailed) as error:
         pytest.fail(f"{error}\n\n{_failure_report(release.api, release.namespace, release.name, release.rayservice())}")
 
@@ -212,7 +212,7 @@ def port_forward(release: Release, target: str, remote_port: int, timeout: float
                     break
             if process.poll() is not None or time.monotonic() > deadline:
                 output = process.stdout.read() if process.poll() is not None else ""
-                pytest.fail(f"kubectl port-forward {target} did not come up: {output}")
+                raise cluster.PortForwardError(f"kubectl port-forward {target} did not come up: {output}")
             time.sleep(0.5)
         yield f"http://127.0.0.1:{local}"
     finally:

@@ -1,9 +1,14 @@
 """The cluster suite's own plumbing, run here with fakes in place of a cluster: what it does when
 an install fails, when `helm test` fails or times out, and when the dashboard is briefly away."""
 
+import http.client
+import io
+import urllib.error
+
 import pytest
 
 from tests.cluster import conftest
+from tools import cluster
 
 
 class FakeHelm:
@@ -62,3 +67,48 @@ def test_a_ready_release_should_be_uninstalled_after_the_tests(monkeypatch):
     with pytest.raises(StopIteration):
         next(lifecycle)  # the tests are done
     assert helm.calls[-1] == ("uninstall", "vrs-e2e-abc123")
+
+
+def test_dashboard_hiccups_should_count_as_not_yet():
+    """One 503 while Serve reconfigures, a refused connection, a port-forward that died with its
+    pod: the scale step keeps polling instead of failing."""
+    answers = iter([
+        urllib.error.HTTPError("http://127.0.0.1:1/api/serve/applications/", 503, "Service Unavailable", {},
+                               io.BytesIO(b"")),
+        urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
+        cluster.PortForwardError("kubectl port-forward svc/x-head-svc did not come up: pod is not running"),
+        http.client.RemoteDisconnected("Remote end closed connection without response"),
+        cluster.Readiness(True, False, "2 Serve replicas running"),
+    ])
+
+    def check():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    slept = []
+    state = cluster.wait_for(check, timeout=600, poll=10, sleep=slept.append, transient=cluster.TRANSIENT_ERRORS)
+    assert state.ready and slept == [10, 10, 10, 10]
+
+
+def test_a_dashboard_that_stays_away_should_time_out_with_the_last_error():
+    now = [0.0]
+
+    def check():
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    with pytest.raises(cluster.WaitTimeout, match="not reachable yet: URLError.*Connection refused"):
+        cluster.wait_for(check, timeout=30, poll=10, clock=lambda: now[0], sleep=sleep,
+                         transient=cluster.TRANSIENT_ERRORS)
+
+
+def test_a_bug_in_the_check_should_not_be_retried():
+    def check():
+        raise KeyError("applications")
+
+    with pytest.raises(KeyError):
+        cluster.wait_for(check, timeout=30, poll=10, sleep=lambda _: None, transient=cluster.TRANSIENT_ERRORS)
