@@ -32,9 +32,15 @@ class Release:
     kubeconfig: str
     helm: object  # helm_python.Config
     api: object  # pykube.HTTPClient
+    serve_service: dict = None  # the RayService's spec.serveService, as rendered
 
     def rayservice(self) -> dict | None:
         return get_object(self.api, "ray.io/v1", "RayService", self.namespace, self.fullname)
+
+    def serve_target(self) -> tuple[str, int]:
+        """The Service clients call and its port (service.port), for kubectl port-forward."""
+        [port] = self.serve_service["spec"]["ports"]
+        return f"svc/{self.serve_service['metadata']['name']}", port["port"]
 
 
 def get_object(api, api_version, kind, namespace, name):
@@ -179,7 +185,8 @@ def release(prerequisites, kubeconfig, kube_api, pytestconfig):
     helm = helm_python.Config(kubeconfig_path=kubeconfig, namespace=namespace)
     rendered = chart.render(values, release=name, namespace=namespace)
     subject = Release(name=name, fullname=rendered.rayservice()["metadata"]["name"], namespace=namespace,
-                      values=values, kubeconfig=kubeconfig, helm=helm, api=kube_api)
+                      values=values, kubeconfig=kubeconfig, helm=helm, api=kube_api,
+                      serve_service=rendered.rayservice()["spec"]["serveService"])
     yield from installed(subject, pytestconfig.getoption("cluster_ready_timeout"))
 
 

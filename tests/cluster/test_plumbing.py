@@ -8,7 +8,7 @@ import urllib.error
 import pytest
 
 from tests.cluster import conftest
-from tools import cluster
+from tools import chart, cluster
 
 
 class FakeHelm:
@@ -112,3 +112,12 @@ def test_a_bug_in_the_check_should_not_be_retried():
 
     with pytest.raises(KeyError):
         cluster.wait_for(check, timeout=30, poll=10, sleep=lambda _: None, transient=cluster.TRANSIENT_ERRORS)
+
+
+def test_the_endpoint_should_be_reached_on_service_port():
+    """The serve Service listens on service.port, not on the Serve proxy's 8000."""
+    rayservice = chart.render({"service": {"port": 80}}, release="vrs-e2e-abc123").rayservice()
+    release = conftest.Release(name="vrs-e2e-abc123", fullname=rayservice["metadata"]["name"], namespace="llm",
+                               values={"service": {"port": 80}}, kubeconfig="/dev/null", helm=None, api=None,
+                               serve_service=rayservice["spec"]["serveService"])
+    assert release.serve_target() == ("svc/vrs-e2e-abc123-vllm-rayservice-serve-svc", 80)

@@ -77,7 +77,7 @@ def test_prerequisites_should_be_in_place(prerequisites):
 def test_endpoint_should_serve_openai_clients(release):
     import openai
 
-    with port_forward(release, f"svc/{release.fullname}-serve-svc", 8000) as url:
+    with port_forward(release, *release.serve_target()) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=_api_key(release) or "none", max_retries=2, timeout=300)
         model = _served_name(release)
         assert [m.id for m in client.models.list().data] == [model]
