@@ -275,3 +275,17 @@ def explain_api_error(error: Exception, permission: str) -> str:
         return (f"401 Unauthorized while trying to {permission}: the API server did not accept the kubeconfig's "
                 f"credentials; refresh them (an expired token or certificate, or a failing exec plugin). ({error})")
     return f"could not {permission}: {error}"
+
+
+def helm_test_failure(error: Exception, timeout: float, pod_report: str) -> str:
+    """What to say when `helm test` raised: a timeout plainly as one, and in both cases the test pod's
+    state and log, which the Helm SDK does not return when the test fails."""
+    import helm_python
+
+    detail = f"{type(error).__name__}: {error}"
+    # helm-c maps a context deadline to HelmCancelledError, other failures to HelmReleaseError.
+    if isinstance(error, helm_python.HelmCancelledError) or "deadline exceeded" in str(error):
+        headline = f"helm test did not finish within {timeout:.0f}s ({detail})"
+    else:
+        headline = f"helm test failed ({detail})"
+    return f"{headline}\n\n{pod_report}"

@@ -203,6 +203,31 @@ def installed(release: Release, ready_timeout: float):
         delete_test_pods(release.api, release.namespace, release.name)
 
 
+def smoke_test_pod_report(release: Release) -> str:
+    """The `helm test` pod's phase, container state and log, read directly from the cluster."""
+    import pykube
+
+    name = f"{release.fullname}-smoke-test"
+    try:
+        pod = pykube.Pod.objects(release.api).filter(namespace=release.namespace).get(name=name)
+        states = [f"{status['name']}: {status.get('state')}" for status in pod.obj["status"].get("containerStatuses", [])]
+        log = pod.logs(container="smoke-test", tail_lines=200)
+    except Exception as error:  # gone, never started, no log yet: say so
+        return f"Test pod {name}: no log ({error})"
+    return f"Test pod {name}: phase {pod.obj['status'].get('phase')}; {'; '.join(states)}\nLog:\n{log}"
+
+
+def run_helm_test(release: Release, timeout: int) -> str:
+    """`helm test --logs`, returning the log. On a failure or a timeout, fail with the test pod's
+    log: the Helm SDK reads it but raises without it."""
+    import helm_python
+
+    try:
+        return release.helm.test(release.name, timeout=timeout, logs=True).get("logs", "")
+    except helm_python.HelmError as error:  # HelmReleaseError on a failed check, HelmCancelledError on timeout
+        pytest.fail(cluster.helm_test_failure(error, timeout, smoke_test_pod_report(release)), pytrace=False)
+
+
 @contextlib.contextmanager
 def port_forward(release: Release, target: str, remote_port: int, timeout: float = 60):
     """kubectl port-forward to 127.0.0.1 on the test side; yields the local base URL."""

@@ -29,6 +29,10 @@ class FakeHelm:
     def uninstall(self, name, **kwargs):
         return self._act("uninstall", name)
 
+    def test(self, name, **kwargs):
+        self._act("test", name)
+        return {"logs": "POD LOGS: x-smoke-test\nall 4 checks passed"}
+
 
 def _release(helm):
     return conftest.Release(name="vrs-e2e-abc123", fullname="vrs-e2e-abc123-vllm-rayservice", namespace="llm",
@@ -121,3 +125,25 @@ def test_the_endpoint_should_be_reached_on_service_port():
                                values={"service": {"port": 80}}, kubeconfig="/dev/null", helm=None, api=None,
                                serve_service=rayservice["spec"]["serveService"])
     assert release.serve_target() == ("svc/vrs-e2e-abc123-vllm-rayservice-serve-svc", 80)
+
+
+POD_REPORT = "Test pod x-smoke-test: phase Failed\nLog:\nFAIL streaming chat: no data: [DONE]"
+
+
+@pytest.mark.parametrize("error_class, message, headline", [
+    ("HelmReleaseError", "pod x-smoke-test failed", "helm test failed (HelmReleaseError: pod x-smoke-test failed)"),
+    ("HelmCancelledError", "context deadline exceeded", "helm test did not finish within 600s"),
+])
+def test_a_failing_helm_test_should_report_the_pods_log(monkeypatch, error_class, message, headline):
+    import helm_python
+
+    monkeypatch.setattr(conftest, "smoke_test_pod_report", lambda release: POD_REPORT)
+    release = _release(FakeHelm(test=getattr(helm_python, error_class)(message)))
+    with pytest.raises(pytest.fail.Exception) as failure:
+        conftest.run_helm_test(release, timeout=600)
+    assert str(failure.value).startswith(headline)
+    assert "FAIL streaming chat: no data: [DONE]" in str(failure.value)
+
+
+def test_a_passing_helm_test_should_return_its_log():
+    assert conftest.run_helm_test(_release(FakeHelm()), timeout=600).endswith("all 4 checks passed")

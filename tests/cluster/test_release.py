@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from tests.cluster.conftest import REPO, port_forward, release_objects, wait_ready
+from tests.cluster.conftest import REPO, port_forward, release_objects, run_helm_test, wait_ready
 from tools import cluster
 
 pytestmark = pytest.mark.cluster
@@ -96,8 +96,8 @@ def test_helm_upgrade_should_scale_replicas_and_workers_and_back(release, pytest
 
 
 def test_helm_test_should_pass(release):
-    result = release.helm.test(release.name, timeout=600, logs=True)  # raises HelmReleaseError on failure
-    assert "all" in result.get("logs", "") and "checks passed" in result.get("logs", "")
+    logs = run_helm_test(release, timeout=600)
+    assert "all" in logs and "checks passed" in logs
 
 
 def test_uninstall_should_remove_the_releases_objects(release):
