@@ -47,4 +47,5 @@ keys and says what to change. Rendered (to nothing) at the top of rayservice.yam
 {{- if and (eq .Values.service.type "ClusterIP") (not (kindIs "invalid" .Values.service.nodePort)) }}
 {{- fail "service.nodePort needs service.type NodePort or LoadBalancer." }}
 {{- end }}
+{{- include "vllm-rayservice.validateKubeRay" . }}
 {{- end }}

@@ -256,12 +256,32 @@ class TestScaling:
         assert group["replicas"] == 2
 
 
+INCREMENTAL = {"cluster": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+                           "incrementalUpgrade": {"gatewayClassName": "istio"}}}
+
+
 class TestUpgrades:
     def test_should_emit_upgrade_fields_only_when_set(self, render):
-        spec = render({"cluster": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade",
-                                   "rayClusterDeletionDelaySeconds": 30}}).rayservice()["spec"]
-        assert spec["upgradeStrategy"] == {"type": "NewClusterWithIncrementalUpgrade"}
+        spec = render({"cluster": {"upgradeStrategy": "None", "rayClusterDeletionDelaySeconds": 30}}).rayservice()["spec"]
+        assert spec["upgradeStrategy"] == {"type": "None"}
         assert spec["rayClusterDeletionDelaySeconds"] == 30
+
+    def test_incremental_upgrade_should_carry_the_options_kuberay_requires(self, render):
+        """KubeRay 1.7 refuses NewClusterWithIncrementalUpgrade without clusterUpgradeOptions."""
+        spec = render(INCREMENTAL).rayservice()["spec"]
+        assert spec["upgradeStrategy"] == {"type": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 10, "intervalSeconds": 30, "maxSurgePercent": 100}}
+        assert spec["rayClusterConfig"]["enableInTreeAutoscaling"] is True  # KubeRay requires it too
+
+    @pytest.mark.skipif(not kube_schemas.crd_files(), reason=kube_schemas.crd_missing_reason())
+    def test_incremental_upgrade_should_be_valid_for_kuberay_1_7_only(self, render):
+        rayservice = render(INCREMENTAL).rayservice()
+        for path in kube_schemas.crd_files():
+            errors = kube_schemas.rayservice_errors(rayservice, path)
+            if "v1.7.0" in path.name:
+                assert errors == []
+            if "v1.4.2" in path.name:  # 1.4 knows no clusterUpgradeOptions (and refuses the type)
+                assert any("clusterUpgradeOptions" in error for error in errors)
 
     @pytest.mark.skipif(not kube_schemas.crd_files(), reason=kube_schemas.crd_missing_reason())
     def test_upgrade_fields_should_be_valid_where_kuberay_has_them(self, render):
