@@ -32,7 +32,7 @@ class Release:
     kubeconfig: str
     helm: object  # helm_python.Config
     api: object  # pykube.HTTPClient
-    serve_service: dict = None  # the RayService's spec.serveService, as rendered
+    serve_service: dict | None = None  # the RayService's spec.serveService, as rendered
 
     def rayservice(self) -> dict | None:
         return get_object(self.api, "ray.io/v1", "RayService", self.namespace, self.fullname)
