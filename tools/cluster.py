@@ -57,7 +57,8 @@ def _rejection(rayservice: dict, events: Iterable[dict]) -> Optional[str]:
         involved = event.get("involvedObject") or event.get("regarding") or {}
         if (event.get("type") == "Warning" and event.get("reason") in REJECTED_EVENT_REASONS
                 and involved.get("kind") == "RayService" and involved.get("name") == name):
-            return f"KubeRay refused the RayService ({event['reason']}): {event.get('message') or event.get('note', '')}"
+            message = event.get("message") or event.get("note", "")
+            return f"KubeRay refused the RayService ({event['reason']}): {message}"
     return None
 
 
@@ -256,7 +257,8 @@ def credential_problem(user_name: str, user: dict) -> Optional[str]:
     version, command = plugin.get("apiVersion", ""), plugin.get("command", "")
     if version not in PYKUBE_EXEC_VERSIONS:
         return (f"the kubeconfig user {user_name} gets credentials from the exec plugin {command} at {version}, but "
-                f"pykube-ng 23.6, the suite's API client, runs exec plugins only at {' or '.join(PYKUBE_EXEC_VERSIONS)}. "
+                f"pykube-ng 23.6, the suite's API client, runs exec plugins only at "
+                f"{' or '.join(PYKUBE_EXEC_VERSIONS)}. "
                 f"Set that user's exec apiVersion to {PYKUBE_EXEC_VERSIONS[0]} if the plugin supports it (the "
                 "common cloud plugins do), or pass a kubeconfig with a token or client certificate.")
     if shutil.which(command) is None:

@@ -20,8 +20,8 @@ REFUSED_BY_KUBERAY = [
                  id="unknown-upgrade-type"),
     pytest.param({"cluster": {"rayClusterDeletionDelaySeconds": -1}}, "test", "/cluster/rayClusterDeletionDelaySeconds",
                  id="negative-deletion-delay"),
-    pytest.param({"cluster": {"upgradeStrategy": INCREMENTAL}}, "test", "cluster.incrementalUpgrade.gatewayClassName is empty",
-                 id="incremental-without-gateway-class"),
+    pytest.param({"cluster": {"upgradeStrategy": INCREMENTAL}}, "test",
+                 "cluster.incrementalUpgrade.gatewayClassName is empty", id="incremental-without-gateway-class"),
     pytest.param({"cluster": {"upgradeStrategy": INCREMENTAL, "incrementalUpgrade": {
         "gatewayClassName": "istio", "stepSizePercent": 50, "maxSurgePercent": 20}}}, "test",
         "stepSizePercent (50) is larger than cluster.incrementalUpgrade.maxSurgePercent (20)", id="step-over-surge"),

@@ -262,7 +262,8 @@ INCREMENTAL = {"cluster": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade"
 
 class TestUpgrades:
     def test_should_emit_upgrade_fields_only_when_set(self, render):
-        spec = render({"cluster": {"upgradeStrategy": "None", "rayClusterDeletionDelaySeconds": 30}}).rayservice()["spec"]
+        values = {"cluster": {"upgradeStrategy": "None", "rayClusterDeletionDelaySeconds": 30}}
+        spec = render(values).rayservice()["spec"]
         assert spec["upgradeStrategy"] == {"type": "None"}
         assert spec["rayClusterDeletionDelaySeconds"] == 30
 

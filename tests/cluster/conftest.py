@@ -210,7 +210,8 @@ def smoke_test_pod_report(release: Release) -> str:
     name = f"{release.fullname}-smoke-test"
     try:
         pod = pykube.Pod.objects(release.api).filter(namespace=release.namespace).get(name=name)
-        states = [f"{status['name']}: {status.get('state')}" for status in pod.obj["status"].get("containerStatuses", [])]
+        states = [f"{status['name']}: {status.get('state')}"
+                  for status in pod.obj["status"].get("containerStatuses", [])]
         log = pod.logs(container="smoke-test", tail_lines=200)
     except Exception as error:  # gone, never started, no log yet: say so
         return f"Test pod {name}: no log ({error})"

@@ -57,7 +57,7 @@ def test_constraints_should_be_the_environment_the_tests_run_in():
     installed = {_normalized(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()}
     differing = {name: (pinned, installed.get(name, "not installed"))
                  for name, pinned in _constraints().items() if installed.get(name) != pinned}
-    assert differing == {}, "requirements/constraints.txt is not the tested environment: run `make setup` or `make freeze`"
+    assert differing == {}, "requirements/constraints.txt is not the tested environment: `make setup` or `make freeze`"
 
 
 def test_requirements_pins_should_agree_with_the_constraints():

@@ -17,7 +17,7 @@ CRDS = {path.name: path for path in kube_schemas.crd_files()}
 READINESS = [
     ("v1.1.0-creating-cluster", False, False, "serviceStatus is Restarting"),
     ("v1.1.0-deploying", False, False, "WaitForServeDeploymentReady"),
-    ("v1.1.0-deploy-failed", False, True, "on the pending cluster chat-vllm-rayservice-raycluster-6xq2v is DEPLOY_FAILED"),
+    ("v1.1.0-deploy-failed", False, True, "pending cluster chat-vllm-rayservice-raycluster-6xq2v is DEPLOY_FAILED"),
     ("v1.1.0-ready", True, False, "ready"),
     ("v1.4.2-initializing", False, False, "Ready is False (Initializing)"),
     ("v1.4.2-deploy-failed", False, True, "Invalid vllm_app args"),
