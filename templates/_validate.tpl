@@ -11,6 +11,18 @@ keys and says what to change. Rendered (to nothing) at the top of rayservice.yam
 {{- if gt $shards $gpus | and (gt $gpus 0) }}
 {{- fail (printf "a model replica needs engine.tensorParallelSize x engine.pipelineParallelSize = %d GPUs, but a worker pod has workers.gpus = %d: a replica must fit on one worker pod. Raise workers.gpus to at least %d or lower the parallel sizes." $shards $gpus $shards) }}
 {{- end }}
+{{- if eq $gpus 0 }}
+{{- $cpus := float64 .Values.serving.replicaCpus }}
+{{- if or (lt $cpus 1.0) (ne $cpus (float64 (int $cpus))) }}
+{{- fail (printf "serving.replicaCpus is %v, but on CPU workers (workers.gpus = 0) Ray starts each worker pod with num-cpus = serving.replicaCpus, so that one model replica fills a pod: it must be a whole number of at least 1. Set serving.replicaCpus to 1, 2, ..." .Values.serving.replicaCpus) }}
+{{- end }}
+{{- if hasKey .Values.workers.rayStartParams "num-cpus" }}
+{{- fail "workers.rayStartParams.num-cpus is set, but on CPU workers (workers.gpus = 0) the chart sets it from serving.replicaCpus, so that one model replica fills a pod. Remove it and set serving.replicaCpus instead." }}
+{{- end }}
+{{- end }}
+{{- if hasKey .Values.workers.rayStartParams "num-gpus" }}
+{{- fail "workers.rayStartParams.num-gpus is set, but the chart sets it from workers.gpus (the GPUs each worker pod requests). Remove it and set workers.gpus instead." }}
+{{- end }}
 {{- if and .Values.serving.autoscaling.enabled (gt (int .Values.serving.autoscaling.minReplicas) (int .Values.serving.autoscaling.maxReplicas)) }}
 {{- fail (printf "serving.autoscaling.minReplicas (%d) is larger than serving.autoscaling.maxReplicas (%d)." (int .Values.serving.autoscaling.minReplicas) (int .Values.serving.autoscaling.maxReplicas)) }}
 {{- end }}
@@ -43,4 +55,5 @@ keys and says what to change. Rendered (to nothing) at the top of rayservice.yam
 {{- if and (eq .Values.service.type "ClusterIP") (not (kindIs "invalid" .Values.service.nodePort)) }}
 {{- fail "service.nodePort needs service.type NodePort or LoadBalancer." }}
 {{- end }}
+{{- include "vllm-rayservice.validateKubeRay" . }}
 {{- end }}

@@ -19,7 +19,7 @@ def render():
 
 
 def pytest_addoption(parser):
-    # The cluster suite's knobs (tests/cluster); --kube-config comes from pytest-helm-charts.
+    # The cluster suite's knobs (tests/cluster); --kubeconfig comes from pytest-helm-charts.
     group = parser.getgroup("vllm-rayservice cluster suite")
     group.addoption("--cluster-values", default="ci/05-cpu-kind-values.yaml",
                     help="values file the cluster suite installs (default: the CPU/kind scenario)")

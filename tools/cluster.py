@@ -1,20 +1,27 @@
 """What the cluster suite decides from what a cluster reports: is the RayService ready, has it failed
-for good, how many Serve replicas run, and what to print when it does not become ready.
+for good, how many Serve replicas run, and what to print when it does not become ready; and which
+kubeconfig file every client of the suite reads.
 
 Plain functions over the objects a cluster returns (dicts), so the default test run checks them
-against recorded KubeRay statuses (tests/chart/test_cluster_logic.py) without a cluster.
+against recorded KubeRay statuses (tests/cluster/test_logic.py) without a cluster.
 """
 
 from __future__ import annotations
 
+import http.client
+import os
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 # Serve application states (ray.serve.schema.ApplicationStatus) that no amount of waiting fixes.
 APP_FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
 # RayService Ready-condition reasons (KubeRay >= 1.3) that mean it will not become ready by itself.
 TERMINAL_REASONS = {"InitializingTimeout", "ValidationFailed"}
+# Warning events KubeRay < 1.5 emits, instead of a condition, when it refuses a RayService.
+REJECTED_EVENT_REASONS = {"InvalidRayServiceSpec", "InvalidRayServiceMetadata"}
 
 
 @dataclass
@@ -28,42 +35,73 @@ def _condition(rayservice: dict, kind: str) -> Optional[dict]:
     return next((c for c in rayservice.get("status", {}).get("conditions", []) or [] if c.get("type") == kind), None)
 
 
-def app_status(rayservice: dict, app: str = "llm") -> dict:
-    """The Serve application's status as the RayService reports it for the active cluster."""
-    statuses = rayservice.get("status", {}).get("activeServiceStatus", {}).get("applicationStatuses") or {}
-    return statuses.get(app, {})
+def _cluster_status(rayservice: dict, which: str) -> dict:
+    """activeServiceStatus or pendingServiceStatus. After a promotion KubeRay leaves the pending one
+    as an empty struct that still serializes, so only rayClusterName says a cluster is there."""
+    return (rayservice.get("status") or {}).get(which) or {}
 
 
-def readiness(rayservice: dict, app: str = "llm") -> Readiness:
-    """Ready when KubeRay says so for the current spec and the app runs; failed when it cannot recover.
+def app_status(rayservice: dict, app: str = "llm", which: str = "activeServiceStatus") -> dict:
+    """The Serve application's status as the RayService reports it for one of its clusters."""
+    return (_cluster_status(rayservice, which).get("applicationStatuses") or {}).get(app) or {}
 
-    KubeRay >= 1.3 reports a `Ready` condition; older releases only `serviceStatus: Running`. Either
-    way the status must be for the current spec (observedGeneration), so that a ready status left
-    over from before an upgrade is not taken for the upgraded one.
+
+def _rejection(rayservice: dict, events: Iterable[dict]) -> Optional[str]:
+    """Why KubeRay refused this RayService, if it did: a terminal Ready reason (KubeRay >= 1.5 for
+    ValidationFailed) or, before that, only a Warning event."""
+    ready = _condition(rayservice, "Ready")
+    if ready is not None and ready.get("status") != "True" and ready.get("reason") in TERMINAL_REASONS:
+        return f"Ready is {ready.get('status')} ({ready.get('reason')}): {ready.get('message', '')}"
+    name = rayservice.get("metadata", {}).get("name")
+    for event in events:
+        involved = event.get("involvedObject") or event.get("regarding") or {}
+        if (event.get("type") == "Warning" and event.get("reason") in REJECTED_EVENT_REASONS
+                and involved.get("kind") == "RayService" and involved.get("name") == name):
+            message = event.get("message") or event.get("note", "")
+            return f"KubeRay refused the RayService ({event['reason']}): {message}"
+    return None
+
+
+def readiness(rayservice: dict, app: str = "llm", events: Iterable[dict] = ()) -> Readiness:
+    """Ready when KubeRay says so for the current spec, no new cluster is pending and the app runs
+    on the active cluster; failed when it cannot recover by waiting.
+
+    A new RayService reports its app under pendingServiceStatus until KubeRay promotes the cluster,
+    and so does a cluster upgrade: a broken app shows up there first, so both are read. KubeRay >=
+    1.3 reports a `Ready` condition; older releases only `serviceStatus: Running`. Either way the
+    status must be for the current spec (observedGeneration), so that a ready status left over from
+    before an upgrade is not taken for the upgraded one.
     """
     status = rayservice.get("status") or {}
     generation = rayservice.get("metadata", {}).get("generation", 0)
-    application = app_status(rayservice, app)
-    app_state = application.get("status", "")
-    if app_state in APP_FAILED:
-        return Readiness(False, True, f"Serve application {app} is {app_state}: {application.get('message', '')}")
+    for which, cluster_role in (("pendingServiceStatus", "pending"), ("activeServiceStatus", "active")):
+        application = app_status(rayservice, app, which)
+        if application.get("status") in APP_FAILED:
+            name = _cluster_status(rayservice, which).get("rayClusterName", "")
+            return Readiness(False, True, f"Serve application {app} on the {cluster_role} cluster {name} is "
+                                          f"{application['status']}: {application.get('message', '')}".strip())
+    rejection = _rejection(rayservice, events)
+    if rejection:
+        return Readiness(False, True, rejection)
     ready_condition = _condition(rayservice, "Ready")
     if ready_condition is not None:
         observed = ready_condition.get("observedGeneration", status.get("observedGeneration", 0))
-        reason = ready_condition.get("reason", "")
         if ready_condition.get("status") != "True":
-            failed = reason in TERMINAL_REASONS
-            return Readiness(False, failed, f"Ready is {ready_condition.get('status')} ({reason}): "
-                                            f"{ready_condition.get('message', '')}".strip())
+            return Readiness(False, False, f"Ready is {ready_condition.get('status')} "
+                                           f"({ready_condition.get('reason', '')}): "
+                                           f"{ready_condition.get('message', '')}".strip())
     else:
         observed = status.get("observedGeneration", 0)
         if status.get("serviceStatus") != "Running":
             return Readiness(False, False, f"serviceStatus is {status.get('serviceStatus') or 'empty'}")
     if observed < generation:
         return Readiness(False, False, f"status is for generation {observed}, the spec is at {generation}")
-    upgrading = _condition(rayservice, "UpgradeInProgress")
-    if upgrading is not None and upgrading.get("status") == "True":
-        return Readiness(False, False, f"upgrade in progress: {upgrading.get('message', '')}")
+    pending = _cluster_status(rayservice, "pendingServiceStatus").get("rayClusterName")
+    if pending:
+        pending_state = app_status(rayservice, app, "pendingServiceStatus").get("status") or "not reported yet"
+        return Readiness(False, False, f"upgrade in progress: new cluster {pending} is being prepared "
+                                       f"(Serve application {app} there: {pending_state})")
+    app_state = app_status(rayservice, app).get("status", "")
     if app_state != "RUNNING":
         return Readiness(False, False, f"Serve application {app} is {app_state or 'not reported yet'}")
     return Readiness(True, False, "ready")
@@ -77,12 +115,26 @@ class WaitFailed(Exception):
     pass
 
 
+class PortForwardError(ConnectionError):
+    """kubectl port-forward did not come up (or died): the pod behind it may be restarting."""
+
+
+# Errors that mean "not reachable right now", not "broken": a 503 from the dashboard while Serve
+# reconfigures, a refused or reset connection, a port-forward that died with its pod.
+TRANSIENT_ERRORS = (OSError, http.client.HTTPException)
+
+
 def wait_for(check: Callable[[], Readiness], timeout: float, poll: float = 5.0,
-             clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> Readiness:
-    """Poll `check` until ready (returned), failed for good (WaitFailed) or out of time (WaitTimeout)."""
+             clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+             transient: tuple = ()) -> Readiness:
+    """Poll `check` until ready (returned), failed for good (WaitFailed) or out of time (WaitTimeout).
+    An exception in `transient` counts as "not ready yet"."""
     deadline = clock() + timeout
     while True:
-        state = check()
+        try:
+            state = check()
+        except transient as error:
+            state = Readiness(False, False, f"not reachable yet: {type(error).__name__}: {error}")
         if state.ready:
             return state
         if state.failed:
@@ -121,15 +173,121 @@ def failure_report(rayservice: Optional[dict], events: Iterable[dict], pod_logs:
     return "\n".join(parts)
 
 
+def is_hook(obj: dict) -> bool:
+    return "helm.sh/hook" in (obj.get("metadata", {}).get("annotations") or {})
+
+
 def leftovers(objects: Iterable[dict], release: str) -> list[str]:
     """Kind/name of the objects still belonging to `release` after an uninstall, except those Helm
-    keeps on purpose (`helm.sh/resource-policy: keep`, such as the model cache claim)."""
+    keeps on purpose (`helm.sh/resource-policy: keep`, such as the model cache claim) and hooks,
+    such as a failed `helm test` pod: uninstall deletes only the release manifest, never hooks."""
     left = []
     for obj in objects:
         metadata = obj.get("metadata", {})
         if metadata.get("labels", {}).get("app.kubernetes.io/instance") != release:
             continue
-        if metadata.get("annotations", {}).get("helm.sh/resource-policy") == "keep":
+        if (metadata.get("annotations") or {}).get("helm.sh/resource-policy") == "keep" or is_hook(obj):
             continue
         left.append(f"{obj.get('kind')}/{metadata.get('name')}")
     return sorted(left)
+
+
+class KubeconfigError(Exception):
+    pass
+
+
+# Fields of a kubeconfig that name files; a relative path is relative to the file it is written in.
+_FILE_FIELDS = {"clusters": ("certificate-authority",), "users": ("client-certificate", "client-key", "tokenFile")}
+
+
+def resolve_kubeconfig(paths: str, workdir: Path) -> Path:
+    """The one kubeconfig file helm, kubectl and pykube all read.
+
+    `paths` is --kubeconfig or KUBECONFIG: one file, or several joined by os.pathsep as kubectl
+    allows. pykube reads a single file, so several are merged into one in `workdir` the way kubectl
+    merges them: files that do not exist are skipped, and the first file to define a cluster, user,
+    context or current-context wins.
+    """
+    import yaml
+
+    files = [Path(part).expanduser() for part in paths.split(os.pathsep) if part]
+    existing = [path.resolve() for path in files if path.is_file()]
+    if not existing:
+        raise KubeconfigError(f"no kubeconfig file found at {paths}: pass --kubeconfig=PATH to an existing file")
+    if len(existing) == 1:
+        return existing[0]
+    merged: dict = {"apiVersion": "v1", "kind": "Config", "clusters": [], "users": [], "contexts": []}
+    for path in existing:
+        doc = yaml.safe_load(path.read_text()) or {}
+        for section in ("clusters", "users", "contexts"):
+            known = {entry["name"] for entry in merged[section]}
+            for entry in doc.get(section) or []:
+                if entry.get("name") not in known:
+                    merged[section].append(_absolute_file_fields(section, entry, path.parent))
+        if doc.get("current-context") and not merged.get("current-context"):
+            merged["current-context"] = doc["current-context"]
+    target = Path(workdir) / "kubeconfig"
+    target.write_text(yaml.safe_dump(merged, sort_keys=False))
+    target.chmod(0o600)  # it may hold credentials
+    return target
+
+
+def _absolute_file_fields(section: str, entry: dict, base: Path) -> dict:
+    inner_key = section[:-1]  # clusters -> cluster, users -> user
+    inner = dict(entry.get(inner_key) or {})
+    for field in _FILE_FIELDS.get(section, ()):
+        if inner.get(field) and not Path(inner[field]).expanduser().is_absolute():
+            inner[field] = str(base / inner[field])
+    return {**entry, inner_key: inner}
+
+
+# The exec credential plugin versions pykube-ng 23.6 (the suite's API client) can run.
+PYKUBE_EXEC_VERSIONS = ("client.authentication.k8s.io/v1beta1", "client.authentication.k8s.io/v1alpha1")
+
+
+def credential_problem(user_name: str, user: dict) -> Optional[str]:
+    """What keeps the suite's API client from authenticating as this kubeconfig user, if anything.
+
+    Managed clusters (EKS, GKE, AKS) hand out credentials through an exec plugin; pykube runs it only
+    at the v1alpha1/v1beta1 protocol and fails on the first request otherwise.
+    """
+    plugin = user.get("exec")
+    if not plugin:
+        return None
+    version, command = plugin.get("apiVersion", ""), plugin.get("command", "")
+    if version not in PYKUBE_EXEC_VERSIONS:
+        return (f"the kubeconfig user {user_name} gets credentials from the exec plugin {command} at {version}, but "
+                f"pykube-ng 23.6, the suite's API client, runs exec plugins only at "
+                f"{' or '.join(PYKUBE_EXEC_VERSIONS)}. "
+                f"Set that user's exec apiVersion to {PYKUBE_EXEC_VERSIONS[0]} if the plugin supports it (the "
+                "common cloud plugins do), or pass a kubeconfig with a token or client certificate.")
+    if shutil.which(command) is None:
+        return (f"the kubeconfig user {user_name} gets credentials from the exec plugin {command}, which is not "
+                "on PATH: install it (your cloud provider's CLI or auth plugin) or fix the path in the kubeconfig.")
+    return None
+
+
+def explain_api_error(error: Exception, permission: str) -> str:
+    """A refused cluster-scoped read, said so that a user knows which permission to ask for."""
+    code = getattr(error, "code", None) or getattr(getattr(error, "response", None), "status_code", None)
+    if code == 403:
+        return (f"403 Forbidden: the kubeconfig's user may not {permission}. The suite checks this before installing; "
+                f"ask a cluster admin for that permission (a ClusterRole) or run with an admin kubeconfig. ({error})")
+    if code == 401:
+        return (f"401 Unauthorized while trying to {permission}: the API server did not accept the kubeconfig's "
+                f"credentials; refresh them (an expired token or certificate, or a failing exec plugin). ({error})")
+    return f"could not {permission}: {error}"
+
+
+def helm_test_failure(error: Exception, timeout: float, pod_report: str) -> str:
+    """What to say when `helm test` raised: a timeout plainly as one, and in both cases the test pod's
+    state and log, which the Helm SDK does not return when the test fails."""
+    import helm_python
+
+    detail = f"{type(error).__name__}: {error}"
+    # helm-c maps a context deadline to HelmCancelledError, other failures to HelmReleaseError.
+    if isinstance(error, helm_python.HelmCancelledError) or "deadline exceeded" in str(error):
+        headline = f"helm test did not finish within {timeout:.0f}s ({detail})"
+    else:
+        headline = f"helm test failed ({detail})"
+    return f"{headline}\n\n{pod_report}"

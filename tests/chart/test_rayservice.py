@@ -96,6 +96,19 @@ class TestWorkers:
         assert "gpu" not in yaml.safe_dump(_worker_container(rendered)["resources"])
         assert _deployment(rendered)["ray_actor_options"]["num_gpus"] == 0
 
+    def test_cpu_workers_should_give_ray_the_cpus_of_exactly_one_replica(self, render):
+        """Otherwise Ray counts the pod's CPU limit, Serve packs a second replica onto the same pod
+        and the autoscaler never adds the worker the scale step waits for."""
+        rendered = chart.render(values_files=[chart.CHART_DIR / "ci" / "05-cpu-kind-values.yaml"])
+        assert _workers(rendered)["rayStartParams"]["num-cpus"] == "1"
+        assert _deployment(rendered)["ray_actor_options"]["num_cpus"] == 1
+        rendered = render({"workers": {"gpus": 0, "tolerations": []}, "serving": {"replicaCpus": 2}})
+        assert _workers(rendered)["rayStartParams"]["num-cpus"] == "2"
+        assert _deployment(rendered)["ray_actor_options"]["num_cpus"] == 2
+
+    def test_gpu_workers_should_leave_ray_cpus_to_kuberay(self, render):
+        assert "num-cpus" not in _workers(render())["rayStartParams"]  # the GPU count places replicas
+
     def test_should_check_only_raylet_health_for_readiness(self, render):
         probe = _worker_container(render())["readinessProbe"]
         command = " ".join(probe["exec"]["command"])
@@ -243,12 +256,33 @@ class TestScaling:
         assert group["replicas"] == 2
 
 
+INCREMENTAL = {"cluster": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+                           "incrementalUpgrade": {"gatewayClassName": "istio"}}}
+
+
 class TestUpgrades:
     def test_should_emit_upgrade_fields_only_when_set(self, render):
-        spec = render({"cluster": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade",
-                                   "rayClusterDeletionDelaySeconds": 30}}).rayservice()["spec"]
-        assert spec["upgradeStrategy"] == {"type": "NewClusterWithIncrementalUpgrade"}
+        values = {"cluster": {"upgradeStrategy": "None", "rayClusterDeletionDelaySeconds": 30}}
+        spec = render(values).rayservice()["spec"]
+        assert spec["upgradeStrategy"] == {"type": "None"}
         assert spec["rayClusterDeletionDelaySeconds"] == 30
+
+    def test_incremental_upgrade_should_carry_the_options_kuberay_requires(self, render):
+        """KubeRay 1.7 refuses NewClusterWithIncrementalUpgrade without clusterUpgradeOptions."""
+        spec = render(INCREMENTAL).rayservice()["spec"]
+        assert spec["upgradeStrategy"] == {"type": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 10, "intervalSeconds": 30, "maxSurgePercent": 100}}
+        assert spec["rayClusterConfig"]["enableInTreeAutoscaling"] is True  # KubeRay requires it too
+
+    @pytest.mark.skipif(not kube_schemas.crd_files(), reason=kube_schemas.crd_missing_reason())
+    def test_incremental_upgrade_should_be_valid_for_kuberay_1_7_only(self, render):
+        rayservice = render(INCREMENTAL).rayservice()
+        for path in kube_schemas.crd_files():
+            errors = kube_schemas.rayservice_errors(rayservice, path)
+            if "v1.7.0" in path.name:
+                assert errors == []
+            if "v1.4.2" in path.name:  # 1.4 knows no clusterUpgradeOptions (and refuses the type)
+                assert any("clusterUpgradeOptions" in error for error in errors)
 
     @pytest.mark.skipif(not kube_schemas.crd_files(), reason=kube_schemas.crd_missing_reason())
     def test_upgrade_fields_should_be_valid_where_kuberay_has_them(self, render):

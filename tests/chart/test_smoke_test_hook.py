@@ -11,8 +11,13 @@ class TestSmokeTestHook:
     def test_should_be_a_helm_test_hook(self, render):
         annotations = _pod(render())["metadata"]["annotations"]
         assert annotations["helm.sh/hook"] == "test"
-        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
         assert _pod(render())["spec"]["restartPolicy"] == "Never"
+
+    def test_should_be_deleted_when_it_passes_and_replaced_on_the_next_run(self, render):
+        """Helm 4 deletes a test hook only under hook-succeeded, and uninstall never deletes hooks:
+        without it every passing `helm test` leaves its pod behind."""
+        policies = _pod(render())["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(",")
+        assert set(policies) == {"before-hook-creation", "hook-succeeded"}
 
     def test_should_call_this_releases_service_with_the_served_model(self, render):
         rendered = render({"model": {"servedName": "chat"}, "service": {"port": 80}}, release="rel", namespace="llm")

@@ -52,6 +52,14 @@ BAD_VALUES = [
     pytest.param({"service": {"loadBalancerSourceRanges": ["10.0.0.0/8"]}}, "service.loadBalancerSourceRanges",
                  id="source-ranges-without-load-balancer"),
     pytest.param({"service": {"nodePort": 30000}}, "service.nodePort", id="node-port-on-cluster-ip"),
+    pytest.param({"workers": {"gpus": 0}, "serving": {"replicaCpus": 0.5}}, "serving.replicaCpus is 0.5",
+                 id="fractional-replica-cpus-on-cpu-workers"),
+    pytest.param({"workers": {"gpus": 0}, "serving": {"replicaCpus": 0}}, "Set serving.replicaCpus to 1",
+                 id="zero-replica-cpus-on-cpu-workers"),
+    pytest.param({"workers": {"gpus": 0, "rayStartParams": {"num-cpus": "4"}}}, "workers.rayStartParams.num-cpus",
+                 id="num-cpus-override-on-cpu-workers"),
+    pytest.param({"workers": {"rayStartParams": {"num-gpus": "2"}}}, "workers.rayStartParams.num-gpus",
+                 id="num-gpus-override"),
 ]
 
 

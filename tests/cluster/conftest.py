@@ -19,8 +19,8 @@ import pytest
 from tools import chart, cluster, serve_local
 
 REPO = Path(__file__).resolve().parents[2]
-HOW_TO_RUN = ("no cluster given: set KUBECONFIG or pass --kube-config=PATH, e.g. "
-              "`make test-cluster PYTEST_ARGS=--kube-config=$HOME/.kube/config` (README, 'Cluster end-to-end suite')")
+HOW_TO_RUN = ("no cluster given: pass --kubeconfig=PATH or set KUBECONFIG, e.g. "
+              "`make test-cluster PYTEST_ARGS=--kubeconfig=$HOME/.kube/config` (README, 'Cluster end-to-end suite')")
 
 
 @dataclass
@@ -32,9 +32,15 @@ class Release:
     kubeconfig: str
     helm: object  # helm_python.Config
     api: object  # pykube.HTTPClient
+    serve_service: dict | None = None  # the RayService's spec.serveService, as rendered
 
     def rayservice(self) -> dict | None:
         return get_object(self.api, "ray.io/v1", "RayService", self.namespace, self.fullname)
+
+    def serve_target(self) -> tuple[str, int]:
+        """The Service clients call and its port (service.port), for kubectl port-forward."""
+        [port] = self.serve_service["spec"]["ports"]
+        return f"svc/{self.serve_service['metadata']['name']}", port["port"]
 
 
 def get_object(api, api_version, kind, namespace, name):
@@ -60,40 +66,73 @@ def release_objects(api, namespace, release_name) -> list[str]:
     return cluster.leftovers(objects, release_name)
 
 
+def delete_test_pods(api, namespace, release_name) -> None:
+    """A failed `helm test` keeps its pod for debugging; uninstall never deletes hooks."""
+    import pykube
+
+    for pod in pykube.Pod.objects(api).filter(namespace=namespace,
+                                              selector={"app.kubernetes.io/instance": release_name}):
+        if cluster.is_hook(pod.obj):
+            pod.delete()
+
+
 @pytest.fixture(scope="module")
-def kubeconfig(pytestconfig):
-    path = pytestconfig.getoption("kube_config", default=None) or os.environ.get("KUBECONFIG")
-    if not path:
+def kubeconfig(pytestconfig, tmp_path_factory) -> str:
+    """One kubeconfig file for helm, kubectl and pykube: --kubeconfig (the option pytest-helm-charts
+    registers), else KUBECONFIG, which may list several files."""
+    paths = pytestconfig.getoption("kubeconfig", default=None) or os.environ.get("KUBECONFIG")
+    if not paths:
         pytest.skip(HOW_TO_RUN)
-    if not Path(path).expanduser().exists():
-        pytest.fail(f"the kubeconfig {path} does not exist")
-    return str(Path(path).expanduser())
+    try:
+        return str(cluster.resolve_kubeconfig(paths, tmp_path_factory.mktemp("kubeconfig")))
+    except cluster.KubeconfigError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="module")
-def kube_api(kubeconfig, request):
-    # pytest-helm-charts' cluster fixture: a pykube client for the given kubeconfig.
-    return request.getfixturevalue("kube_cluster").kube_client
+def kube_config(kubeconfig) -> str:
+    """Overrides pytest-helm-charts' fixture of this name, so its pykube client reads the same file."""
+    return kubeconfig
+
+
+@pytest.fixture(scope="module")
+def kube_api(kube_cluster):
+    # pytest-helm-charts' cluster fixture: a pykube client for the kubeconfig above.
+    return kube_cluster.kube_client
 
 
 @pytest.fixture(scope="module")
 def prerequisites(kubeconfig, kube_api, pytestconfig) -> dict:
     """Everything the suite needs, checked first, each failure saying what to do."""
-
     namespace = pytestconfig.getoption("cluster_namespace")
-    if shutil.which("kubectl") is None:
-        pytest.fail("kubectl is not on PATH: the suite port-forwards with it. Install kubectl.")
+    context = kube_api.config.current_context
+    user_name = kube_api.config.contexts[context].get("user", "")
+    problem = cluster.credential_problem(user_name, kube_api.config.user)
+    if problem:
+        pytest.fail(problem, pytrace=False)
     try:
         version = kube_api.version
     except Exception as error:  # any transport error: the server is not reachable with this config
-        pytest.fail(f"the API server in {kubeconfig} is not reachable: {error}")
-    crd = get_object(kube_api, "apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "rayservices.ray.io")
+        pytest.fail(f"API server unreachable: {kube_api.config.cluster.get('server')} (kubeconfig {kubeconfig}, "
+                    f"context {context}): {error}", pytrace=False)
+    # Both reads are cluster-scoped: users limited to a namespace get a 403 here.
+    permission = "get customresourcedefinitions.apiextensions.k8s.io (rayservices.ray.io)"
+    try:
+        crd = get_object(kube_api, "apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "rayservices.ray.io")
+    except Exception as error:
+        pytest.fail(cluster.explain_api_error(error, permission), pytrace=False)
     if crd is None:
         pytest.fail("the rayservices.ray.io CRD is not installed: install the KubeRay operator first, e.g. "
                     "helm install kuberay-operator kuberay/kuberay-operator -n kuberay-system --create-namespace")
-    if get_object(kube_api, "v1", "Namespace", None, namespace) is None:
+    try:
+        found = get_object(kube_api, "v1", "Namespace", None, namespace)
+    except Exception as error:
+        pytest.fail(cluster.explain_api_error(error, f"get namespaces ({namespace})"), pytrace=False)
+    if found is None:
         pytest.fail(f"namespace {namespace} does not exist: kubectl create namespace {namespace}, "
                     "or pass --cluster-namespace")
+    if shutil.which("kubectl") is None:
+        pytest.fail("kubectl is not on PATH: the suite port-forwards with it. Install kubectl.")
     operator_version = crd["metadata"].get("annotations", {}).get("controller-gen.kubebuilder.io/version", "?")
     return {"kubernetes": version, "crd_versions": [v["name"] for v in crd["spec"]["versions"]],
             "crd_controller_gen": operator_version, "namespace": namespace}
@@ -115,9 +154,19 @@ def _failure_report(api, namespace, release_name, rayservice) -> str:
     return cluster.failure_report(rayservice, events, logs)
 
 
+def rayservice_events(release: Release) -> list[dict]:
+    import pykube
+
+    return [event.obj for event in pykube.Event.objects(release.api).filter(
+        namespace=release.namespace, field_selector={"involvedObject.name": release.fullname})]
+
+
 def wait_ready(release: Release, timeout: float) -> None:
+    def check():
+        return cluster.readiness(release.rayservice() or {}, events=rayservice_events(release))
+
     try:
-        cluster.wait_for(lambda: cluster.readiness(release.rayservice() or {}), timeout=timeout, poll=10)
+        cluster.wait_for(check, timeout=timeout, poll=10, transient=cluster.TRANSIENT_ERRORS)
     except (cluster.WaitTimeout, cluster.WaitFailed) as error:
         pytest.fail(f"{error}\n\n{_failure_report(release.api, release.namespace, release.name, release.rayservice())}")
 
@@ -136,14 +185,48 @@ def release(prerequisites, kubeconfig, kube_api, pytestconfig):
     helm = helm_python.Config(kubeconfig_path=kubeconfig, namespace=namespace)
     rendered = chart.render(values, release=name, namespace=namespace)
     subject = Release(name=name, fullname=rendered.rayservice()["metadata"]["name"], namespace=namespace,
-                      values=values, kubeconfig=kubeconfig, helm=helm, api=kube_api)
-    helm.install(str(REPO), name, values, namespace=namespace, timeout=300)
+                      values=values, kubeconfig=kubeconfig, helm=helm, api=kube_api,
+                      serve_service=rendered.rayservice()["spec"]["serveService"])
+    yield from installed(subject, pytestconfig.getoption("cluster_ready_timeout"))
+
+
+def installed(release: Release, ready_timeout: float):
+    """Install, wait until ready, hand the release to the tests, then uninstall it whatever happened:
+    also when the install itself fails, since a release Helm records as failed still holds objects.
+    The uninstall test checks the result when it runs."""
     try:
-        wait_ready(subject, pytestconfig.getoption("cluster_ready_timeout"))
-        yield subject
+        release.helm.install(str(REPO), release.name, release.values, namespace=release.namespace, timeout=300)
+        wait_ready(release, ready_timeout)
+        yield release
     finally:
-        # Clean up on failure too; the uninstall test checks the result when it runs.
-        helm.uninstall(name, ignore_not_found=True, timeout=300)
+        release.helm.uninstall(release.name, ignore_not_found=True, timeout=300)
+        delete_test_pods(release.api, release.namespace, release.name)
+
+
+def smoke_test_pod_report(release: Release) -> str:
+    """The `helm test` pod's phase, container state and log, read directly from the cluster."""
+    import pykube
+
+    name = f"{release.fullname}-smoke-test"
+    try:
+        pod = pykube.Pod.objects(release.api).filter(namespace=release.namespace).get(name=name)
+        states = [f"{status['name']}: {status.get('state')}"
+                  for status in pod.obj["status"].get("containerStatuses", [])]
+        log = pod.logs(container="smoke-test", tail_lines=200)
+    except Exception as error:  # gone, never started, no log yet: say so
+        return f"Test pod {name}: no log ({error})"
+    return f"Test pod {name}: phase {pod.obj['status'].get('phase')}; {'; '.join(states)}\nLog:\n{log}"
+
+
+def run_helm_test(release: Release, timeout: int) -> str:
+    """`helm test --logs`, returning the log. On a failure or a timeout, fail with the test pod's
+    log: the Helm SDK reads it but raises without it."""
+    import helm_python
+
+    try:
+        return release.helm.test(release.name, timeout=timeout, logs=True).get("logs", "")
+    except helm_python.HelmError as error:  # HelmReleaseError on a failed check, HelmCancelledError on timeout
+        pytest.fail(cluster.helm_test_failure(error, timeout, smoke_test_pod_report(release)), pytrace=False)
 
 
 @contextlib.contextmanager
@@ -162,7 +245,7 @@ def port_forward(release: Release, target: str, remote_port: int, timeout: float
                     break
             if process.poll() is not None or time.monotonic() > deadline:
                 output = process.stdout.read() if process.poll() is not None else ""
-                pytest.fail(f"kubectl port-forward {target} did not come up: {output}")
+                raise cluster.PortForwardError(f"kubectl port-forward {target} did not come up: {output}")
             time.sleep(0.5)
         yield f"http://127.0.0.1:{local}"
     finally:

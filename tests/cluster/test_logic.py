@@ -6,29 +6,74 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools import cluster
+from tests.chart import kube_schemas
+from tools import chart, cluster
 
 RECORDED = yaml.safe_load((Path(__file__).parent / "recorded_statuses.yaml").read_text())
+CRDS = {path.name: path for path in kube_schemas.crd_files()}
+
+# (recorded status, ready, failed, part of the reason): KubeRay's first install, promotion, in-place
+# updates and cluster upgrades, release by release.
+READINESS = [
+    ("v1.1.0-creating-cluster", False, False, "serviceStatus is Restarting"),
+    ("v1.1.0-deploying", False, False, "WaitForServeDeploymentReady"),
+    ("v1.1.0-deploy-failed", False, True, "pending cluster chat-vllm-rayservice-raycluster-6xq2v is DEPLOY_FAILED"),
+    ("v1.1.0-ready", True, False, "ready"),
+    ("v1.4.2-initializing", False, False, "Ready is False (Initializing)"),
+    ("v1.4.2-deploy-failed", False, True, "Invalid vllm_app args"),
+    ("v1.4.2-ready", True, False, "ready"),
+    ("v1.4.2-spec-rejected", False, False, "serviceStatus is empty"),  # with its event: see below
+    ("v1.7.0-initializing", False, False, "Ready is False (Initializing)"),
+    ("v1.7.0-deploy-failed", False, True, "on the pending cluster chat-vllm-rayservice-x7k2p is DEPLOY_FAILED"),
+    ("v1.7.0-ready", True, False, "ready"),
+    ("v1.7.0-ready-but-stale", False, False, "generation 1, the spec is at 2"),
+    ("v1.7.0-in-place-update-deploying", False, False, "Serve application llm is DEPLOYING"),
+    ("v1.7.0-in-place-deploy-failed", False, True, "on the active cluster chat-vllm-rayservice-x7k2p is DEPLOY_FAILED"),
+    ("v1.7.0-upgrading", False, False, "new cluster chat-vllm-rayservice-9qz4m is being prepared"),
+    ("v1.7.0-upgrade-deploy-failed", False, True, "CUDA out of memory"),
+    ("v1.7.0-validation-failed", False, True, "gatewayClassName is required"),
+    ("v1.7.0-initializing-timeout", False, True, "InitializingTimeout"),
+]
 
 
-@pytest.mark.parametrize("name, ready, failed, reason_part", [
-    ("v1.7-initializing", False, False, "Initializing"),
-    ("v1.7-ready", True, False, "ready"),
-    ("v1.7-ready-but-stale", False, False, "generation 1"),
-    ("v1.7-upgrading", False, False, "upgrade in progress"),
-    ("v1.7-app-deploy-failed", False, True, "Invalid vllm_app args"),
-    ("v1.7-initializing-timeout", False, True, "InitializingTimeout"),
-    ("v1.1-ready", True, False, "ready"),
-    ("v1.1-not-ready", False, False, "serviceStatus is empty"),
-])
+@pytest.mark.parametrize("name, ready, failed, reason_part", READINESS, ids=[row[0] for row in READINESS])
 def test_readiness_should_follow_kuberays_status(name, ready, failed, reason_part):
     state = cluster.readiness(RECORDED[name])
     assert (state.ready, state.failed) == (ready, failed)
     assert reason_part in state.reason
 
 
+def test_every_recorded_status_should_be_checked():
+    assert sorted(RECORDED) == sorted(row[0] for row in READINESS)
+
+
+@pytest.mark.skipif(not CRDS, reason=kube_schemas.crd_missing_reason())
+@pytest.mark.parametrize("name", sorted(RECORDED))
+def test_recorded_statuses_should_have_the_shape_of_their_kuberay_version(name):
+    """Validated against that release's CRD, made strict: a field KubeRay does not write fails."""
+    version = name.split("-")[0]
+    crd = next((path for file_name, path in CRDS.items() if f".{version}." in file_name), None)
+    if crd is None:
+        pytest.skip(f"no CRD for KubeRay {version} in {sorted(CRDS)}")
+    assert kube_schemas.rayservice_errors(RECORDED[name], crd) == []
+
+
+def test_a_spec_refused_by_kuberay_1_4_should_fail_from_its_event():
+    """KubeRay v1.4.2 only emits a Warning event when it refuses a spec (for example an upgrade type
+    it does not know); its status stays empty, so the event is what ends the wait."""
+    event = {"type": "Warning", "reason": "InvalidRayServiceSpec",
+             "involvedObject": {"kind": "RayService", "name": "chat-vllm-rayservice"},
+             "message": "The RayService spec is invalid default/chat-vllm-rayservice: Spec.UpgradeStrategy.Type "
+                        "value NewClusterWithIncrementalUpgrade is invalid, valid options are NewCluster or None"}
+    other = dict(event, involvedObject={"kind": "RayService", "name": "someone-else"})
+    state = cluster.readiness(RECORDED["v1.4.2-spec-rejected"], events=[other, event])
+    assert (state.ready, state.failed) == (False, True)
+    assert "NewClusterWithIncrementalUpgrade is invalid" in state.reason
+    assert not cluster.readiness(RECORDED["v1.4.2-spec-rejected"], events=[other]).failed
+
+
 def test_wait_should_return_once_ready():
-    states = iter([RECORDED["v1.7-initializing"], RECORDED["v1.7-initializing"], RECORDED["v1.7-ready"]])
+    states = iter([RECORDED["v1.7.0-initializing"], RECORDED["v1.7.0-initializing"], RECORDED["v1.7.0-ready"]])
     slept = []
     state = cluster.wait_for(lambda: cluster.readiness(next(states)), timeout=60, poll=5, sleep=slept.append)
     assert state.ready and slept == [5, 5]
@@ -36,7 +81,7 @@ def test_wait_should_return_once_ready():
 
 def test_wait_should_stop_at_a_failure_that_cannot_recover():
     with pytest.raises(cluster.WaitFailed, match="DEPLOY_FAILED"):
-        cluster.wait_for(lambda: cluster.readiness(RECORDED["v1.7-app-deploy-failed"]), timeout=60, sleep=lambda _: None)
+        cluster.wait_for(lambda: cluster.readiness(RECORDED["v1.7.0-deploy-failed"]), timeout=60, sleep=lambda _: None)
 
 
 def test_wait_should_time_out_with_the_last_reason():
@@ -46,7 +91,7 @@ def test_wait_should_time_out_with_the_last_reason():
         now[0] += seconds
 
     with pytest.raises(cluster.WaitTimeout, match="not ready after 20s: Ready is False \\(Initializing\\)"):
-        cluster.wait_for(lambda: cluster.readiness(RECORDED["v1.7-initializing"]), timeout=20, poll=5,
+        cluster.wait_for(lambda: cluster.readiness(RECORDED["v1.7.0-initializing"]), timeout=20, poll=5,
                          clock=lambda: now[0], sleep=sleep)
     assert now[0] == 20
 
@@ -64,22 +109,24 @@ def test_failure_report_should_show_status_events_and_log_tails():
                "involvedObject": {"kind": "Pod", "name": "chat-worker-abc"},
                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]
     logs = {"chat-head-xyz": "\n".join(f"line {i}" for i in range(100))}
-    report = cluster.failure_report(RECORDED["v1.7-initializing"], events, logs, log_lines=5)
+    report = cluster.failure_report(RECORDED["v1.7.0-initializing"], events, logs, log_lines=5)
     assert "reason: Initializing" in report
     assert "FailedScheduling: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in report
     assert "Last 5 log lines of pod chat-head-xyz:" in report and "line 99" in report and "line 94" not in report
     assert "the RayService does not exist" in cluster.failure_report(None, [], {})
 
 
-def test_leftovers_should_name_what_the_release_left_except_what_helm_keeps():
-    def obj(kind, name, release, keep=False):
+def test_leftovers_should_name_what_the_release_left_except_what_helm_keeps_and_hooks():
+    def obj(kind, name, release, annotations=None):
         metadata = {"name": name, "labels": {"app.kubernetes.io/instance": release}}
-        if keep:
-            metadata["annotations"] = {"helm.sh/resource-policy": "keep"}
+        if annotations:
+            metadata["annotations"] = annotations
         return {"kind": kind, "metadata": metadata}
 
+    test_pod = chart.render(release="chat").one("Pod")  # the chart's own `helm test` hook
     objects = [obj("RayCluster", "chat-vllm-rayservice-x7k2p", "chat"), obj("Pod", "chat-head-abc", "chat"),
-               obj("PersistentVolumeClaim", "chat-vllm-rayservice-model-cache", "chat", keep=True),
-               obj("Pod", "other-head-xyz", "other")]
+               obj("PersistentVolumeClaim", "chat-vllm-rayservice-model-cache", "chat",
+                   {"helm.sh/resource-policy": "keep"}),
+               test_pod, obj("Pod", "other-head-xyz", "other")]
     assert cluster.leftovers(objects, "chat") == ["Pod/chat-head-abc", "RayCluster/chat-vllm-rayservice-x7k2p"]
     assert cluster.leftovers([], "chat") == []

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from tests.cluster.conftest import REPO, port_forward, release_objects, wait_ready
+from tests.cluster.conftest import REPO, port_forward, release_objects, run_helm_test, wait_ready
 from tools import cluster
 
 pytestmark = pytest.mark.cluster
@@ -36,25 +36,37 @@ def _running_workers(release) -> int:
     return sum(1 for pod in pods if pod.obj.get("status", {}).get("phase") == "Running")
 
 
+def _wait(check, timeout: float, what: str) -> None:
+    try:
+        cluster.wait_for(check, timeout=timeout, poll=10, transient=cluster.TRANSIENT_ERRORS)
+    except cluster.WaitTimeout as error:
+        pytest.fail(f"{what}: {error}")
+
+
 def _scale(release, replicas: int, timeout: float) -> None:
     """`helm upgrade --reuse-values --set serving.replicas=N`, then wait for Serve and the workers."""
     release.helm.upgrade(str(REPO), release.name, {"serving": {"replicas": replicas}},
                          namespace=release.namespace, reuse_values=True, timeout=300)
     wait_ready(release, timeout)
-    with port_forward(release, f"svc/{release.fullname}-head-svc", 8265) as dashboard:
-        deadline = time.monotonic() + timeout
-        while cluster.running_replicas(_serve_details(dashboard)) != replicas:
-            if time.monotonic() > deadline:
-                pytest.fail(f"Serve did not reach {replicas} running replicas in {timeout:.0f}s: "
-                            f"{_serve_details(dashboard)['applications'].get('llm', {}).get('deployments')}")
-            time.sleep(10)
+
+    def serve_replicas():
+        # A fresh port-forward each poll: one that died with a restarted head pod is just replaced,
+        # and a 503 while Serve reconfigures is "not yet" (TRANSIENT_ERRORS).
+        with port_forward(release, f"svc/{release.fullname}-head-svc", 8265) as dashboard:
+            details = _serve_details(dashboard)
+        running = cluster.running_replicas(details)
+        return cluster.Readiness(running == replicas, False, f"{running} Serve replicas running: "
+                                 f"{details.get('applications', {}).get('llm', {}).get('deployments')}")
+
+    _wait(serve_replicas, timeout, f"Serve did not reach {replicas} running replicas")
+
     # Ray's autoscaler follows: one model replica per worker pod in the scenarios this suite runs;
     # scale-down waits for the idle timeout.
-    deadline = time.monotonic() + timeout
-    while _running_workers(release) != replicas:
-        if time.monotonic() > deadline:
-            pytest.fail(f"worker pods did not follow to {replicas} in {timeout:.0f}s: {_running_workers(release)} running")
-        time.sleep(10)
+    def workers():
+        running = _running_workers(release)
+        return cluster.Readiness(running == replicas, False, f"{running} worker pods running")
+
+    _wait(workers, timeout, f"worker pods did not follow to {replicas}")
 
 
 def test_prerequisites_should_be_in_place(prerequisites):
@@ -65,7 +77,7 @@ def test_prerequisites_should_be_in_place(prerequisites):
 def test_endpoint_should_serve_openai_clients(release):
     import openai
 
-    with port_forward(release, f"svc/{release.fullname}-serve-svc", 8000) as url:
+    with port_forward(release, *release.serve_target()) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=_api_key(release) or "none", max_retries=2, timeout=300)
         model = _served_name(release)
         assert [m.id for m in client.models.list().data] == [model]
@@ -84,8 +96,8 @@ def test_helm_upgrade_should_scale_replicas_and_workers_and_back(release, pytest
 
 
 def test_helm_test_should_pass(release):
-    result = release.helm.test(release.name, timeout=600, logs=True)  # raises HelmReleaseError on failure
-    assert "all" in result.get("logs", "") and "checks passed" in result.get("logs", "")
+    logs = run_helm_test(release, timeout=600)
+    assert "all" in logs and "checks passed" in logs
 
 
 def test_uninstall_should_remove_the_releases_objects(release):

@@ -1,0 +1,71 @@
+"""KubeRay's own validation of a RayService (ray-operator/controllers/ray/utils/validation.go at
+v1.7.0), mirrored at `helm install` time: every rule a value of this chart can reach fails the
+render and names the value, instead of a RayService that KubeRay refuses after the install.
+The rules and the fields they guard are listed in templates/_validate_kuberay.tpl."""
+
+import pytest
+
+from tools import chart
+
+INCREMENTAL = "NewClusterWithIncrementalUpgrade"
+
+# (values, release name, text the error must contain)
+REFUSED_BY_KUBERAY = [
+    # ValidateRayServiceMetadata: the name must be a DNS-1035 label (Helm allows more).
+    pytest.param({}, "1chat", 'the RayService name "1chat-vllm-rayservice"', id="name-starts-with-a-digit"),
+    pytest.param({}, "my.chat", "not a DNS-1035 label", id="name-with-a-dot"),
+    pytest.param({"fullnameOverride": "Chat"}, "test", "fullnameOverride", id="upper-case-full-name"),
+    # ValidateRayServiceSpec: upgrade strategy, deletion delay, incremental upgrade options.
+    pytest.param({"cluster": {"upgradeStrategy": "Recreate"}}, "test", "/cluster/upgradeStrategy",
+                 id="unknown-upgrade-type"),
+    pytest.param({"cluster": {"rayClusterDeletionDelaySeconds": -1}}, "test", "/cluster/rayClusterDeletionDelaySeconds",
+                 id="negative-deletion-delay"),
+    pytest.param({"cluster": {"upgradeStrategy": INCREMENTAL}}, "test",
+                 "cluster.incrementalUpgrade.gatewayClassName is empty", id="incremental-without-gateway-class"),
+    pytest.param({"cluster": {"upgradeStrategy": INCREMENTAL, "incrementalUpgrade": {
+        "gatewayClassName": "istio", "stepSizePercent": 50, "maxSurgePercent": 20}}}, "test",
+        "stepSizePercent (50) is larger than cluster.incrementalUpgrade.maxSurgePercent (20)", id="step-over-surge"),
+    pytest.param({"cluster": {"incrementalUpgrade": {"stepSizePercent": 0}}}, "test",
+                 "/cluster/incrementalUpgrade/stepSizePercent", id="zero-step"),
+    pytest.param({"cluster": {"incrementalUpgrade": {"stepSizePercent": 101}}}, "test",
+                 "/cluster/incrementalUpgrade/stepSizePercent", id="step-over-100"),
+    pytest.param({"cluster": {"incrementalUpgrade": {"intervalSeconds": 0}}}, "test",
+                 "/cluster/incrementalUpgrade/intervalSeconds", id="zero-interval"),
+    pytest.param({"cluster": {"incrementalUpgrade": {"maxSurgePercent": 150}}}, "test",
+                 "/cluster/incrementalUpgrade/maxSurgePercent", id="surge-over-100"),
+    pytest.param({"cluster": {"incrementalUpgrade": {"maxSurgePercent": -1}}}, "test",
+                 "/cluster/incrementalUpgrade/maxSurgePercent", id="negative-surge"),
+    pytest.param({"cluster": {"upgradeStrategy": "NewCluster", "incrementalUpgrade": {"gatewayClassName": "istio"}}},
+                 "test", "apply only to NewClusterWithIncrementalUpgrade", id="gateway-class-without-incremental"),
+    # ValidateRayClusterSpec: replica bounds, idle timeout, rayStartParams labels, GCS fault tolerance.
+    pytest.param({"workers": {"minReplicas": -1}}, "test", "/workers/minReplicas", id="negative-min-replicas"),
+    pytest.param({"workers": {"maxReplicas": -1}}, "test", "/workers/maxReplicas", id="negative-max-replicas"),
+    pytest.param({"workers": {"minReplicas": 3, "maxReplicas": 2}}, "test", "workers.minReplicas (3) is larger",
+                 id="min-over-max-replicas"),
+    pytest.param({"cluster": {"autoscaler": {"idleTimeoutSeconds": -5}}}, "test",
+                 "/cluster/autoscaler/idleTimeoutSeconds", id="negative-idle-timeout"),
+    pytest.param({"head": {"rayStartParams": {"labels": "tier=head"}}}, "test", "head.rayStartParams.labels",
+                 id="head-ray-start-labels"),
+    pytest.param({"workers": {"rayStartParams": {"labels": "tier=gpu"}}}, "test", "workers.rayStartParams.labels",
+                 id="worker-ray-start-labels"),
+    pytest.param({"head": {"env": [{"name": "RAY_REDIS_ADDRESS", "value": "redis:6379"}]}}, "test",
+                 "head.env sets RAY_REDIS_ADDRESS", id="redis-address-without-fault-tolerance-options"),
+    pytest.param({"head": {"env": [{"name": "REDIS_USERNAME", "value": "ray"}]}}, "test",
+                 "head.env sets REDIS_USERNAME", id="redis-username-env"),
+    pytest.param({"head": {"rayStartParams": {"redis-username": "ray"}}}, "test", "head.rayStartParams.redis-username",
+                 id="redis-username-param"),
+]
+
+
+@pytest.mark.parametrize("values, release, names", REFUSED_BY_KUBERAY)
+def test_values_kuberay_would_refuse_should_fail_at_render_time(values, release, names):
+    with pytest.raises(chart.ChartError) as failure:
+        chart.render(values, release=release)
+    assert names in str(failure.value)
+
+
+def test_the_rules_should_let_a_valid_rayservice_through():
+    rendered = chart.render({"cluster": {"upgradeStrategy": INCREMENTAL, "incrementalUpgrade": {
+        "gatewayClassName": "istio", "stepSizePercent": 20, "maxSurgePercent": 20}},
+        "head": {"env": [{"name": "RAY_LOG_TO_STDERR", "value": "1"}]}}, release="chat-1")
+    assert rendered.rayservice()["metadata"]["name"] == "chat-1-vllm-rayservice"

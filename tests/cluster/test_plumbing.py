@@ -1,0 +1,149 @@
+"""The cluster suite's own plumbing, run here with fakes in place of a cluster: what it does when
+an install fails, when `helm test` fails or times out, and when the dashboard is briefly away."""
+
+import http.client
+import io
+import urllib.error
+
+import pytest
+
+from tests.cluster import conftest
+from tools import chart, cluster
+
+
+class FakeHelm:
+    """Records the release actions; each one raises what `failures` maps its name to."""
+
+    def __init__(self, **failures):
+        self.calls, self.failures = [], failures
+
+    def _act(self, action, name, **kwargs):
+        self.calls.append((action, name))
+        if action in self.failures:
+            raise self.failures[action]
+        return {}
+
+    def install(self, chart, name, values, **kwargs):
+        return self._act("install", name)
+
+    def uninstall(self, name, **kwargs):
+        return self._act("uninstall", name)
+
+    def test(self, name, **kwargs):
+        self._act("test", name)
+        return {"logs": "POD LOGS: x-smoke-test\nall 4 checks passed"}
+
+
+def _release(helm):
+    return conftest.Release(name="vrs-e2e-abc123", fullname="vrs-e2e-abc123-vllm-rayservice", namespace="llm",
+                            values={}, kubeconfig="/dev/null", helm=helm, api=None)
+
+
+def test_a_failed_install_should_still_be_uninstalled(monkeypatch):
+    import helm_python
+
+    deleted = []
+    monkeypatch.setattr(conftest, "delete_test_pods", lambda api, namespace, name: deleted.append(name))
+    helm = FakeHelm(install=helm_python.HelmReleaseError("context deadline exceeded"))
+    lifecycle = conftest.installed(_release(helm), ready_timeout=1)
+    with pytest.raises(helm_python.HelmReleaseError):
+        next(lifecycle)
+    assert helm.calls == [("install", "vrs-e2e-abc123"), ("uninstall", "vrs-e2e-abc123")]
+    assert deleted == ["vrs-e2e-abc123"]
+
+
+def test_a_release_that_never_gets_ready_should_be_uninstalled(monkeypatch):
+    monkeypatch.setattr(conftest, "delete_test_pods", lambda api, namespace, name: None)
+    monkeypatch.setattr(conftest, "wait_ready", lambda release, timeout: pytest.fail("not ready"))
+    helm = FakeHelm()
+    with pytest.raises(pytest.fail.Exception, match="not ready"):
+        next(conftest.installed(_release(helm), ready_timeout=1))
+    assert helm.calls[-1] == ("uninstall", "vrs-e2e-abc123")
+
+
+def test_a_ready_release_should_be_uninstalled_after_the_tests(monkeypatch):
+    monkeypatch.setattr(conftest, "delete_test_pods", lambda api, namespace, name: None)
+    monkeypatch.setattr(conftest, "wait_ready", lambda release, timeout: None)
+    helm = FakeHelm()
+    lifecycle = conftest.installed(_release(helm), ready_timeout=1)
+    assert next(lifecycle).name == "vrs-e2e-abc123"
+    assert helm.calls == [("install", "vrs-e2e-abc123")]
+    with pytest.raises(StopIteration):
+        next(lifecycle)  # the tests are done
+    assert helm.calls[-1] == ("uninstall", "vrs-e2e-abc123")
+
+
+def test_dashboard_hiccups_should_count_as_not_yet():
+    """One 503 while Serve reconfigures, a refused connection, a port-forward that died with its
+    pod: the scale step keeps polling instead of failing."""
+    answers = iter([
+        urllib.error.HTTPError("http://127.0.0.1:1/api/serve/applications/", 503, "Service Unavailable", {},
+                               io.BytesIO(b"")),
+        urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
+        cluster.PortForwardError("kubectl port-forward svc/x-head-svc did not come up: pod is not running"),
+        http.client.RemoteDisconnected("Remote end closed connection without response"),
+        cluster.Readiness(True, False, "2 Serve replicas running"),
+    ])
+
+    def check():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    slept = []
+    state = cluster.wait_for(check, timeout=600, poll=10, sleep=slept.append, transient=cluster.TRANSIENT_ERRORS)
+    assert state.ready and slept == [10, 10, 10, 10]
+
+
+def test_a_dashboard_that_stays_away_should_time_out_with_the_last_error():
+    now = [0.0]
+
+    def check():
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    with pytest.raises(cluster.WaitTimeout, match="not reachable yet: URLError.*Connection refused"):
+        cluster.wait_for(check, timeout=30, poll=10, clock=lambda: now[0], sleep=sleep,
+                         transient=cluster.TRANSIENT_ERRORS)
+
+
+def test_a_bug_in_the_check_should_not_be_retried():
+    def check():
+        raise KeyError("applications")
+
+    with pytest.raises(KeyError):
+        cluster.wait_for(check, timeout=30, poll=10, sleep=lambda _: None, transient=cluster.TRANSIENT_ERRORS)
+
+
+def test_the_endpoint_should_be_reached_on_service_port():
+    """The serve Service listens on service.port, not on the Serve proxy's 8000."""
+    rayservice = chart.render({"service": {"port": 80}}, release="vrs-e2e-abc123").rayservice()
+    release = conftest.Release(name="vrs-e2e-abc123", fullname=rayservice["metadata"]["name"], namespace="llm",
+                               values={"service": {"port": 80}}, kubeconfig="/dev/null", helm=None, api=None,
+                               serve_service=rayservice["spec"]["serveService"])
+    assert release.serve_target() == ("svc/vrs-e2e-abc123-vllm-rayservice-serve-svc", 80)
+
+
+POD_REPORT = "Test pod x-smoke-test: phase Failed\nLog:\nFAIL streaming chat: no data: [DONE]"
+
+
+@pytest.mark.parametrize("error_class, message, headline", [
+    ("HelmReleaseError", "pod x-smoke-test failed", "helm test failed (HelmReleaseError: pod x-smoke-test failed)"),
+    ("HelmCancelledError", "context deadline exceeded", "helm test did not finish within 600s"),
+])
+def test_a_failing_helm_test_should_report_the_pods_log(monkeypatch, error_class, message, headline):
+    import helm_python
+
+    monkeypatch.setattr(conftest, "smoke_test_pod_report", lambda release: POD_REPORT)
+    release = _release(FakeHelm(test=getattr(helm_python, error_class)(message)))
+    with pytest.raises(pytest.fail.Exception) as failure:
+        conftest.run_helm_test(release, timeout=600)
+    assert str(failure.value).startswith(headline)
+    assert "FAIL streaming chat: no data: [DONE]" in str(failure.value)
+
+
+def test_a_passing_helm_test_should_return_its_log():
+    assert conftest.run_helm_test(_release(FakeHelm()), timeout=600).endswith("all 4 checks passed")
