@@ -99,11 +99,14 @@ class OpenAIArgs(_Args):
 
 
 class ServingArgs(_Args):
-    # Name of the environment variable holding the API key; empty: no auth.
+    # Name of the environment variable holding the single API key (its name is "default").
     api_key_env: Optional[str] = None
+    # A folder with one file per named key (a mounted Secret: file name = key name), re-read
+    # while the app runs. With neither set: no auth.
+    api_keys_dir: Optional[str] = None
     log_prompts: bool = False
 
-    empty_is_unset = field_validator("api_key_env", mode="before")(_empty_is_unset)
+    empty_is_unset = field_validator("api_key_env", "api_keys_dir", mode="before")(_empty_is_unset)
 
 
 class AppArgs(_Args):
@@ -289,6 +292,7 @@ class RequestRecord:
     def __init__(self, request_id: str, method: str, path: str):
         self.request_id, self.method, self.path = request_id, method, path
         self.started = time.monotonic()
+        self.key = UNAUTHENTICATED  # the name of the API key it came with, once checked
         self.status = 0
         self.complete = False  # the last byte of the response went out
         self.prompt_tokens = 0
@@ -304,12 +308,40 @@ class RequestRecord:
 
     def line(self) -> str:
         latency_ms = (time.monotonic() - self.started) * 1000
-        line = (f"request_id={self.request_id} method={self.method} route={self.path} status={self.status} "
+        line = (f"request_id={self.request_id} method={self.method} route={self.path} key={self.key} "
+                f"status={self.status} "
                 f"prompt_tokens={self.prompt_tokens} completion_tokens={self.completion_tokens} "
                 f"latency_ms={latency_ms:.0f}")
         if self.prompt_text is not None:
             line += f" prompt={self.prompt_text}"
         return line
+
+
+# The key label of requests that did not show a valid key (or were refused before the check), and
+# of all requests when auth is off. A key's own name is never one of these: Secret keys are
+# file names, which a Kubernetes Secret key cannot write with a leading "<".
+UNAUTHENTICATED, ANONYMOUS = "<none>", "<anonymous>"
+
+
+class UsageMetrics:
+    """Per-key counters on Ray's metrics export (`ray_vllm_rayservice_*` on each pod's metrics port)."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter
+
+        self.requests = Counter("vllm_rayservice_requests", "HTTP requests by API key name, route and status.",
+                                tag_keys=("key", "route", "status"))
+        self.prompt_tokens = Counter("vllm_rayservice_prompt_tokens", "Prompt tokens by API key name.",
+                                     tag_keys=("key",))
+        self.completion_tokens = Counter("vllm_rayservice_completion_tokens",
+                                         "Generated tokens by API key name.", tag_keys=("key",))
+
+    def record(self, record: "RequestRecord") -> None:
+        self.requests.inc(1, {"key": record.key, "route": record.path, "status": str(record.status)})
+        if record.prompt_tokens:
+            self.prompt_tokens.inc(record.prompt_tokens, {"key": record.key})
+        if record.completion_tokens:
+            self.completion_tokens.inc(record.completion_tokens, {"key": record.key})
 
 
 _current_request: contextvars.ContextVar[Optional[RequestRecord]] = contextvars.ContextVar(
@@ -393,22 +425,51 @@ async def _answer(send, status: int, body: bytes) -> None:
 
 
 class APIKeys:
-    """The keys that may call the API. No keys: auth is off."""
+    """The keys that may call the API, by name. No keys: auth is off.
 
-    def __init__(self, keys: dict[str, str]):
-        self._keys = {name: key.encode() for name, key in keys.items()}
+    The named keys come from a folder (a mounted Secret): the kubelet rewrites it when the Secret
+    changes, and the folder is read again at most every `reload_s` seconds, so a key is added or
+    revoked without restarting the model.
+    """
+
+    def __init__(self, fixed: dict[str, str], folder: Optional[str] = None, reload_s: float = 5.0):
+        self._fixed = {name: key.encode() for name, key in fixed.items() if key}
+        self._folder = Path(folder) if folder else None
+        self._reload_s = reload_s
+        self._read_at = float("-inf")
+        self._keys = dict(self._fixed)
+        self._reload()
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return bool(self._keys) or self._folder is not None
 
     def name_of(self, token: str) -> Optional[str]:
         """The name of the key sent, or None. Compares with every key in constant time."""
+        self._reload()
         found = None
         for name, key in self._keys.items():
             if hmac.compare_digest(token.encode(), key):
                 found = name
         return found
+
+    def _reload(self) -> None:
+        if self._folder is None or time.monotonic() - self._read_at < self._reload_s:
+            return
+        self._read_at = time.monotonic()
+        keys = dict(self._fixed)
+        try:
+            # The kubelet keeps its own bookkeeping in dot-files (..data); the keys are the rest.
+            for path in sorted(self._folder.iterdir()):
+                if not path.name.startswith(".") and path.is_file():
+                    key = path.read_text().strip()
+                    if key:
+                        keys[path.name] = key.encode()
+        except OSError as error:
+            # Keep the keys we had rather than locking everyone out (or letting everyone in).
+            logger.warning("could not read the API keys in %s: %s; keeping the previous keys", self._folder, error)
+            return
+        self._keys = keys
 
 
 def _bearer_token(headers: dict[bytes, bytes]) -> str:
@@ -425,8 +486,8 @@ MAX_LOGGED_PROMPT = 2000
 class Gate:
     """ASGI middleware around vLLM's app; see the section comment."""
 
-    def __init__(self, app, keys: APIKeys, log_prompts: bool):
-        self.app, self.keys, self.log_prompts = app, keys, log_prompts
+    def __init__(self, app, keys: APIKeys, log_prompts: bool, metrics: Optional[UsageMetrics] = None):
+        self.app, self.keys, self.log_prompts, self.metrics = app, keys, log_prompts, metrics
         self.stats = {"requests": 0, "aborted": 0, "in_flight": 0}
 
     async def __call__(self, scope, receive, send):
@@ -463,13 +524,14 @@ class Gate:
                 "not_found" if status == 404 else "method_not_allowed"))
         elif path in OPEN_PATHS:
             return await self.app(scope, receive, send_with_id)  # not logged: probes poll it
-        elif self.keys.enabled and self.keys.name_of(_bearer_token(headers)) is None:
+        elif self.keys.enabled and (name := self.keys.name_of(_bearer_token(headers))) is None:
             await _answer(send_with_id, 401, error_body(
                 401, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
                 "invalid_request_error", "invalid_api_key"))
         else:
+            record.key = name if self.keys.enabled else ANONYMOUS
             return await self._forward(scope, receive, send_with_id, record)
-        self._log(record)
+        self._finish(record)
 
     async def _forward(self, scope, receive, send, record: RequestRecord) -> None:
         """Hand the request to vLLM's app, with its record as the current request."""
@@ -489,7 +551,7 @@ class Gate:
                 record.status = 499
             self.stats["in_flight"] -= 1
             _current_request.reset(token)
-            self._log(record)
+            self._finish(record)
 
     @staticmethod
     def _capture_prompt(receive, record: RequestRecord):
@@ -512,20 +574,24 @@ class Gate:
 
         return receive_and_keep
 
-    @staticmethod
-    def _log(record: RequestRecord) -> None:
+    def _finish(self, record: RequestRecord) -> None:
         logger.info(record.line())
+        if self.metrics is not None:
+            self.metrics.record(record)
 
 
 def _api_keys(serving: ServingArgs) -> APIKeys:
-    if serving.api_key_env is None:
-        return APIKeys({})
-    key = os.environ.get(serving.api_key_env, "")
-    if not key:
-        # Refuse to serve openly when the chart asked for auth but the key did not arrive.
-        raise RuntimeError(f"serving.apiKeyEnv names {serving.api_key_env}, but that environment "
-                           "variable is empty; check the API key Secret.")
-    return APIKeys({"default": key})
+    fixed = {}
+    if serving.api_key_env is not None:
+        fixed["default"] = os.environ.get(serving.api_key_env, "")
+        if not fixed["default"]:
+            # Refuse to serve openly when the chart asked for auth but the key did not arrive.
+            raise RuntimeError(f"serving.apiKeyEnv names {serving.api_key_env}, but that environment "
+                               "variable is empty; check the API key Secret.")
+    if serving.api_keys_dir is not None and not Path(serving.api_keys_dir).is_dir():
+        raise RuntimeError(f"serving.apiKeysDir is {serving.api_keys_dir}, but no folder is there; check "
+                           "that the named-keys Secret is mounted.")
+    return APIKeys(fixed, serving.api_keys_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,7 +641,7 @@ class VLLMServer:
         keys = _api_keys(args.serving)
         # Loading the model inside the constructor keeps the replica out of rotation until it is ready.
         self.engine, vllm_app = await start_vllm_server(args)
-        self.gate = Gate(vllm_app, keys, args.serving.log_prompts)
+        self.gate = Gate(vllm_app, keys, args.serving.log_prompts, UsageMetrics())
 
     def __serve_build_asgi_app__(self):
         return self.gate
@@ -587,7 +653,8 @@ class VLLMServer:
     def get_stats(self) -> dict:
         """Request counters and the engine's unfinished requests, for operators and tests (through
         a Serve handle, not HTTP)."""
-        return {**self.gate.stats, "engine_unfinished": self.engine.get_num_unfinished_requests()}
+        return {**self.gate.stats, "engine_unfinished": self.engine.get_num_unfinished_requests(),
+                "pid": os.getpid()}
 
     def __del__(self):
         if getattr(self, "engine", None) is not None:

@@ -82,6 +82,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* Where the named API keys Secret is mounted in the Ray containers; empty when there is none. */}}
+{{- define "vllm-rayservice.apiKeysDir" -}}
+{{- if .Values.serving.apiKeys.existingSecret }}/etc/vllm-rayservice/api-keys{{ end }}
+{{- end }}
+
 {{/* The environment variable that carries the API key into the app and the smoke test. */}}
 {{- define "vllm-rayservice.apiKeyEnvName" -}}
 VLLM_RAYSERVICE_API_KEY
@@ -167,6 +172,7 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "extraArgs" .Values.openai.extraArgs }}
 {{- $serving := dict
   "apiKeyEnv" (ternary (include "vllm-rayservice.apiKeyEnvName" .) "" (ne (include "vllm-rayservice.apiKeySecretName" .) ""))
+  "apiKeysDir" (include "vllm-rayservice.apiKeysDir" .)
   "logPrompts" .Values.serving.logPrompts }}
 {{- $deployment := dict
   "name" "VLLMServer"
@@ -220,7 +226,7 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
 {{- end }}
 {{- end }}
 
-{{/* Volume mounts every Ray container gets: the app code and, when on, the model cache. */}}
+{{/* Volume mounts every Ray container gets: the app code and, when on, the model cache and the named API keys. */}}
 {{- define "vllm-rayservice.rayVolumeMounts" -}}
 # A directory mount, not subPath, so the kubelet updates the files when the ConfigMap changes.
 - name: app
@@ -229,6 +235,12 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
 {{- if .Values.model.cache.enabled }}
 - name: model-cache
   mountPath: {{ .Values.model.cache.mountPath }}
+{{- end }}
+{{- with include "vllm-rayservice.apiKeysDir" . }}
+# A directory mount, not subPath, so the kubelet updates the keys when the Secret changes.
+- name: api-keys
+  mountPath: {{ . }}
+  readOnly: true
 {{- end }}
 {{- end }}
 
@@ -241,5 +253,10 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
 - name: model-cache
   persistentVolumeClaim:
     claimName: {{ . }}
+{{- end }}
+{{- with .Values.serving.apiKeys.existingSecret }}
+- name: api-keys
+  secret:
+    secretName: {{ . }}
 {{- end }}
 {{- end }}

@@ -42,8 +42,20 @@ def no_template_model_dir(tiny_model_dir, tmp_path_factory):
 NO_TEMPLATE_ROUTE = "/no-template"
 
 
+NAMED_KEYS = {"team-a": "key-of-team-a-123", "team-b": "key-of-team-b-456"}
+
+
 @pytest.fixture(scope="session")
-def server(tiny_model_dir, no_template_model_dir):
+def named_keys_dir(tmp_path_factory):
+    """What the kubelet makes of the named-keys Secret: one file per key, named after it."""
+    folder = tmp_path_factory.mktemp("api-keys")
+    for name, key in NAMED_KEYS.items():
+        (folder / name).write_text(key)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir, no_template_model_dir, named_keys_dir):
     values = {
         "model": {"servedName": SERVED_NAME},
         # JSON grammars without free whitespace: a random-weight model otherwise loops on blanks
@@ -59,8 +71,10 @@ def server(tiny_model_dir, no_template_model_dir):
     }
     config, merged = serve_local.local_serve_config(
         [serve_local.DEFAULT_VALUES], model=str(tiny_model_dir), port=serve_local.free_port(), values=values)
-    # A second app on the same Ray: a model without a chat template, to check the 400 it must get.
     [app] = config["applications"]
+    # The chart mounts the named-keys Secret here on the pods; locally it is a folder we write.
+    app["args"]["serving"]["apiKeysDir"] = str(named_keys_dir)
+    # A second app on the same Ray: a model without a chat template, to check the 400 it must get.
     bare = copy.deepcopy(app)
     bare.update(name="no-template", route_prefix=NO_TEMPLATE_ROUTE)
     bare["args"]["model"].update(id=str(no_template_model_dir), servedName=SERVED_NAME)

@@ -243,7 +243,7 @@ class TestGate:
             self._run(gate, "POST", "/v1/completions", {"Authorization": f"Bearer {self.KEY}",
                                                         "X-Request-Id": "r-9"}, b'{"prompt": "SECRET"}')
         [line] = [record.getMessage() for record in caplog.records if "request_id=r-9" in record.getMessage()]
-        assert "method=POST route=/v1/completions status=200" in line
+        assert "method=POST route=/v1/completions key=default status=200" in line
         assert ("SECRET" in line) is log_prompts
         assert self.KEY not in line
 

@@ -169,7 +169,7 @@ def test_each_request_should_log_one_line_without_prompt_or_key(server, http, mo
                  if f"request_id={request_id} method=" in line}
     assert len(lines) == 1, lines  # one line per request (the same line may be in two files)
     [line] = lines
-    assert "method=POST route=/v1/chat/completions status=200" in line
+    assert "method=POST route=/v1/chat/completions key=default status=200" in line
     # The tokens counted at the engine are the usage vLLM reported to the client.
     assert f"prompt_tokens={usage['prompt_tokens']} completion_tokens=4 " in line and "latency_ms=" in line
     everything = "".join(open(path, errors="replace").read() for path in files())

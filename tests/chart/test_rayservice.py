@@ -188,6 +188,8 @@ class TestServeConfig:
                       "chatTemplate": "{{ messages }}"},
             "engine": {"dtype": "bfloat16", "maxModelLen": 4096, "gpuMemoryUtilization": 0.9,
                        "enforceEager": True, "extraArgs": {"max_num_seqs": 32}},
+            "openai": {"toolCallParser": "hermes", "enableAutoToolChoice": True, "reasoningParser": "qwen3",
+                       "chatTemplateContentFormat": "openai", "extraArgs": {"enable_prompt_tokens_details": True}},
             "serving": {"logPrompts": True},
         })
         args = rendered.serve_config()["applications"][0]["args"]
@@ -196,7 +198,20 @@ class TestServeConfig:
         assert args["engine"]["dtype"] == "bfloat16" and args["engine"]["maxModelLen"] == 4096
         assert args["engine"]["enforceEager"] is True
         assert args["engine"]["extraArgs"] == {"max_num_seqs": 32}
-        assert args["serving"] == {"apiKeyEnv": "", "logPrompts": True}
+        assert args["openai"] == {"toolCallParser": "hermes", "enableAutoToolChoice": True,
+                                  "reasoningParser": "qwen3", "chatTemplateContentFormat": "openai",
+                                  "extraArgs": {"enable_prompt_tokens_details": True}}
+        assert args["serving"] == {"apiKeyEnv": "", "apiKeysDir": "", "logPrompts": True}
+
+    def test_args_should_be_what_the_app_contract_accepts(self, render):
+        import sys
+
+        sys.path.insert(0, str(chart.CHART_DIR / "files"))
+        import vllm_app
+
+        for values in ({}, {"serving": {"apiKey": {"value": "k"}, "apiKeys": {"existingSecret": "s"}},
+                            "openai": {"toolCallParser": "pythonic", "enableAutoToolChoice": True}}):
+            vllm_app.AppArgs.model_validate(render(values).serve_config()["applications"][0]["args"])
 
     def test_served_name_should_default_to_the_model_id(self, render):
         args = render({"model": {"id": "org/model"}}).serve_config()["applications"][0]["args"]

@@ -48,6 +48,31 @@ class TestApiKey:
         assert rendered.serve_config()["applications"][0]["args"]["serving"]["apiKeyEnv"] == ""
 
 
+class TestNamedApiKeys:
+    def test_should_mount_the_secret_as_a_folder_the_app_reads(self, render):
+        rendered = render({"serving": {"apiKeys": {"existingSecret": "team-keys"}}})
+        cluster = rendered.rayservice()["spec"]["rayClusterConfig"]
+        pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+        for pod in pods:
+            assert {"name": "api-keys", "secret": {"secretName": "team-keys"}} in pod["volumes"]
+            [mount] = [m for c in pod["containers"] for m in c.get("volumeMounts", []) if m["name"] == "api-keys"]
+            # A folder, not subPath: the kubelet only refreshes whole-volume mounts.
+            assert "subPath" not in mount and mount["readOnly"] is True
+        args = rendered.serve_config()["applications"][0]["args"]
+        assert args["serving"]["apiKeysDir"] == mount["mountPath"]
+        assert rendered.of_kind("Secret") == []
+
+    def test_should_work_beside_the_single_key(self, render):
+        rendered = render({"serving": {"apiKey": {"value": KEY}, "apiKeys": {"existingSecret": "team-keys"}}})
+        serving = rendered.serve_config()["applications"][0]["args"]["serving"]
+        assert serving["apiKeyEnv"] and serving["apiKeysDir"]
+
+    def test_should_mount_nothing_without_named_keys(self, render):
+        rendered = render({})
+        assert rendered.serve_config()["applications"][0]["args"]["serving"]["apiKeysDir"] == ""
+        assert "api-keys" not in yaml.safe_dump(rendered.rayservice()["spec"]["rayClusterConfig"])
+
+
 class TestHuggingFaceToken:
     def test_should_set_hf_token_from_the_existing_secret(self, render):
         rendered = render({"model": {"huggingFaceToken": {"existingSecret": "hf", "key": "token"}}})
