@@ -9,11 +9,12 @@ first frame with content), the gaps between content frames, end-to-end latency, 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import aiohttp
 
@@ -43,6 +44,9 @@ class LevelResult:
     latency_p50_ms: Optional[float]
     latency_p95_ms: Optional[float]
     loadgen_cpu_percent: float
+    # CPU seconds the server's serving path (every process but vLLM's engine cores) spent per 1,000
+    # output tokens: a figure that travels between machines better than tokens/s.
+    serving_cpu_s_per_1k_tokens: Optional[float] = None
     error_samples: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -60,8 +64,10 @@ def percentile(values: list[float], q: float) -> Optional[float]:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def summarize(concurrency: int, results: list[RequestResult], duration: float, cpu_seconds: float) -> LevelResult:
+def summarize(concurrency: int, results: list[RequestResult], duration: float, cpu_seconds: float,
+              serving_cpu_seconds: Optional[float] = None) -> LevelResult:
     done = [r for r in results if r.ok]
+    tokens = sum(r.output_tokens for r in done)
     ms = lambda value: None if value is None else round(value * 1000, 2)  # noqa: E731
     gaps = [gap for r in done for gap in r.gaps]
     return LevelResult(
@@ -77,6 +83,8 @@ def summarize(concurrency: int, results: list[RequestResult], duration: float, c
         latency_p50_ms=ms(percentile([r.latency for r in done], 50)),
         latency_p95_ms=ms(percentile([r.latency for r in done], 95)),
         loadgen_cpu_percent=round(100 * cpu_seconds / duration, 1) if duration else 0.0,
+        serving_cpu_s_per_1k_tokens=(round(1000 * serving_cpu_seconds / tokens, 3)
+                                     if serving_cpu_seconds is not None and tokens else None),
         error_samples=sorted({r.error for r in results if not r.ok})[:3],
     )
 
@@ -122,11 +130,14 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict) -> R
 
 async def run_level(base_url: str, model: str, prompts: list[str], *, concurrency: int, requests: int,
                     max_tokens: int, api_key: Optional[str] = None, time_limit: float = 120.0,
-                    request_timeout: float = 300.0) -> LevelResult:
+                    min_duration: float = 0.0, request_timeout: float = 300.0,
+                    serving_cpu: Optional[Callable[[], float]] = None) -> LevelResult:
+    """Send at least `requests` requests and keep sending for at least `min_duration` seconds, but
+    start none after `time_limit`. `serving_cpu()`, if given, reads the server's CPU seconds."""
     url = base_url.rstrip("/") + "/v1/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     results: list[RequestResult] = []
-    counter = iter(range(requests))
+    counter = itertools.count()
 
     def body(index: int) -> dict:
         return {"model": model, "messages": [{"role": "user", "content": prompts[index % len(prompts)]}],
@@ -135,15 +146,18 @@ async def run_level(base_url: str, model: str, prompts: list[str], *, concurrenc
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=request_timeout)
+    server_cpu_started = serving_cpu() if serving_cpu else None
     started, cpu_started = time.perf_counter(), time.process_time()
     deadline = started + time_limit
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         async def worker():
             for index in counter:
-                if time.perf_counter() > deadline:
+                now = time.perf_counter()
+                if now > deadline or (index >= requests and now - started >= min_duration):
                     return
                 results.append(await one_request(session, url, body(index)))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     duration = time.perf_counter() - started
-    return summarize(concurrency, results, duration, time.process_time() - cpu_started)
+    server_cpu = serving_cpu() - server_cpu_started if serving_cpu else None
+    return summarize(concurrency, results, duration, time.process_time() - cpu_started, server_cpu)

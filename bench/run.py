@@ -1,11 +1,14 @@
-"""Benchmark this app against the original design and against vLLM's own server, same machine, same
-model, same engine settings, same workload.
+"""Benchmark this app against vLLM's own server, Ray Serve LLM and the original design: same machine,
+same model, same engine settings, same workload.
 
     python -m bench.run                          # tiny local model, CPU, the chart's CPU profile
     python -m bench.run --model /models/x -f my-values.yaml --concurrency 1,8,32
 
 Workload: streaming chat completions over a fixed set of prompts of mixed lengths, `max_tokens`
-fixed with EOS ignored (every server produces the same tokens), at each concurrency in turn.
+fixed with EOS ignored (every server produces the same tokens), at each concurrency in turn. Each
+level runs for at least --min-seconds and at least 10 x concurrency requests. Servers alternate
+over --rounds rounds (each round starts every server afresh), and the table reports the median
+over rounds with the range. A ratio whose range crosses 1.0 is reported as a tie.
 Writes results.json and throughput_ttft.png into --out, and prints the table and the ratios.
 """
 
@@ -16,16 +19,21 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from bench import loadgen, servers
 from tools import serve_local, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
-SERVER_NAMES = ("app", "original", "vllm")
-LABELS = {"app": "this app", "original": "original design", "vllm": "vLLM server"}
+SERVER_NAMES = ("app", "app-proxy", "app-tput", "vllm", "rayllm", "original")
+LABELS = {"app": "this app", "app-proxy": "app, py proxy", "app-tput": "app, tput-opt", "vllm": "vLLM server",
+          "rayllm": "Ray Serve LLM", "original": "original design"}
+# What this app is compared with, in the ratios.
+BASELINES = ("vllm", "rayllm", "original", "app-proxy", "app-tput")
 
 # A fixed prompt set of mixed lengths (about 10 to 200 tokens on the tiny model's tokenizer).
 _SENTENCE = "The small model answers the question about the river and the mountain city at night. "
@@ -47,7 +55,7 @@ def machine() -> dict:
 
 
 def requests_for(concurrency: int, per_level: int) -> int:
-    return per_level if per_level else max(16, 2 * concurrency)
+    return per_level if per_level else 10 * concurrency
 
 
 def run_server(name: str, url: str, model: str, args) -> list[dict]:
@@ -55,48 +63,97 @@ def run_server(name: str, url: str, model: str, args) -> list[dict]:
     # Warm up at the highest concurrency: first requests and first batch sizes pay for lazy
     # initialisation in every server, and that must not land in a measured level.
     top = max(args.concurrency)
-    asyncio.run(loadgen.run_level(url, model, PROMPTS, concurrency=top, requests=top, max_tokens=16))
+    asyncio.run(loadgen.run_level(url, model, PROMPTS, concurrency=top, requests=2 * top, max_tokens=16))
     levels = []
     for concurrency in args.concurrency:
         result = asyncio.run(loadgen.run_level(
             url, model, PROMPTS, concurrency=concurrency, requests=requests_for(concurrency, args.requests),
-            max_tokens=args.max_tokens, time_limit=args.time_limit))
+            max_tokens=args.max_tokens, min_duration=args.min_seconds, time_limit=args.time_limit,
+            serving_cpu=servers.serving_path_cpu))
         print(f"   c={concurrency:<3} {result.output_tokens_per_s:>9.1f} tok/s  ttft p50 {result.ttft_p50_ms} ms  "
+              f"cpu/1k tok {result.serving_cpu_s_per_1k_tokens} s  {result.duration_s:.0f} s  "
               f"errors {result.errors}  loadgen cpu {result.loadgen_cpu_percent}%", flush=True)
         levels.append(result.to_dict())
     return levels
 
 
+def _by_level(rounds: list[list[dict]]) -> dict[int, list[dict]]:
+    """{concurrency: [the level's result in each round]}."""
+    out: dict[int, list[dict]] = {}
+    for levels in rounds:
+        for level in levels:
+            out.setdefault(level["concurrency"], []).append(level)
+    return out
+
+
+def spread(values: list) -> Optional[dict]:
+    values = [value for value in values if value is not None]
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "n": len(values)}
+
+
+def summary(results: dict) -> dict:
+    """Per server and concurrency: median and range over rounds of what the table shows."""
+    fields = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "serving_cpu_s_per_1k_tokens",
+              "errors", "requests")
+    return {name: {str(concurrency): {field: spread([level[field] for level in levels]) for field in fields}
+                   for concurrency, levels in sorted(_by_level(rounds).items())}
+            for name, rounds in results.items()}
+
+
 def ratios(results: dict) -> dict:
-    """The comparisons that matter, per concurrency: throughput vs the original, throughput and TTFT vs vLLM."""
+    """This app over each other server, per concurrency: round i against round i (both ran in the
+    same stretch of time), then the median and range over rounds. `tie` when the range crosses 1."""
     out = {}
-    by_level = {name: {level["concurrency"]: level for level in levels} for name, levels in results.items()}
-    for concurrency, app in by_level.get("app", {}).items():
+    app = _by_level(results.get("app", []))
+    for concurrency, app_levels in sorted(app.items()):
         entry = {}
-        original = by_level.get("original", {}).get(concurrency)
-        vllm = by_level.get("vllm", {}).get(concurrency)
-        if original and original["output_tokens_per_s"]:
-            entry["throughput_vs_original"] = round(app["output_tokens_per_s"] / original["output_tokens_per_s"], 2)
-        if vllm and vllm["output_tokens_per_s"]:
-            entry["throughput_vs_vllm"] = round(app["output_tokens_per_s"] / vllm["output_tokens_per_s"], 2)
-        if vllm and vllm["ttft_p50_ms"] and app["ttft_p50_ms"]:
-            entry["ttft_p50_vs_vllm"] = round(app["ttft_p50_ms"] / vllm["ttft_p50_ms"], 2)
+        for other in BASELINES:
+            other_levels = _by_level(results.get(other, [])).get(concurrency, [])
+            pairs = list(zip(app_levels, other_levels))
+            for metric, key in (("output_tokens_per_s", "throughput"), ("ttft_p50_ms", "ttft_p50")):
+                values = [a[metric] / o[metric] for a, o in pairs if a[metric] and o[metric]]
+                ratio = spread(values)
+                if ratio:
+                    ratio["tie"] = ratio["min"] < 1.0 < ratio["max"]
+                    entry[f"{key}_vs_{other}"] = ratio
         out[str(concurrency)] = entry
     return out
 
 
 def table(results: dict) -> str:
-    header = (f"{'server':<16}{'conc':>5}{'req/s':>9}{'tok/s':>10}{'ttft p50':>10}{'ttft p95':>10}"
-              f"{'itl p50':>9}{'e2e p50':>10}{'e2e p95':>10}{'errors':>8}")
+    stats = summary(results)
+    header = (f"{'server':<17}{'conc':>5}{'tok/s median [range]':>26}{'ttft p50 ms':>24}{'itl p50':>9}"
+              f"{'cpu s/1k tok':>20}{'errors':>8}")
     lines = [header, "-" * len(header)]
-    fmt = lambda value: "-" if value is None else f"{value:.1f}"  # noqa: E731
-    for name, levels in results.items():
-        for level in levels:
-            lines.append(f"{LABELS[name]:<16}{level['concurrency']:>5}{level['requests_per_s']:>9.2f}"
-                         f"{level['output_tokens_per_s']:>10.1f}{fmt(level['ttft_p50_ms']):>10}"
-                         f"{fmt(level['ttft_p95_ms']):>10}{fmt(level['itl_p50_ms']):>9}"
-                         f"{fmt(level['latency_p50_ms']):>10}{fmt(level['latency_p95_ms']):>10}{level['errors']:>8}")
+
+    def cell(value, digits=1):
+        if value is None:
+            return "-"
+        return f"{value['median']:.{digits}f} [{value['min']:.{digits}f}-{value['max']:.{digits}f}]"
+
+    for name, levels in stats.items():
+        for concurrency, level in levels.items():
+            errors = level["errors"]["max"] if level["errors"] else 0
+            itl = level["itl_p50_ms"]["median"] if level["itl_p50_ms"] else None
+            lines.append(f"{LABELS[name]:<17}{concurrency:>5}{cell(level['output_tokens_per_s']):>26}"
+                         f"{cell(level['ttft_p50_ms']):>24}{'-' if itl is None else f'{itl:.1f}':>9}"
+                         f"{cell(level['serving_cpu_s_per_1k_tokens'], 2) if level['serving_cpu_s_per_1k_tokens'] else '-':>20}"
+                         f"{errors:>8}")
     return "\n".join(lines)
+
+
+def ratio_lines(report_ratios: dict) -> list[str]:
+    lines = []
+    for concurrency, entry in report_ratios.items():
+        parts = []
+        for key, value in entry.items():
+            verdict = " (tie)" if value["tie"] else ""
+            parts.append(f"{key} {value['median']:.2f}x [{value['min']:.2f}-{value['max']:.2f}]{verdict}")
+        lines.append(f"  c={concurrency:<3} " + "; ".join(parts))
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
@@ -106,36 +163,60 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, levels in results.items():
-        x = [level["concurrency"] for level in levels]
-        throughput.plot(x, [level["output_tokens_per_s"] for level in levels], marker="o", label=LABELS[name])
-        ttft.plot(x, [level["ttft_p50_ms"] or float("nan") for level in levels], marker="o", label=LABELS[name])
-    for axis, title, unit in ((throughput, "Output throughput", "tokens/s"), (ttft, "Time to first token (p50)", "ms")):
+    for name, levels in summary(results).items():
+        x = [int(concurrency) for concurrency in levels]
+        for axis, field in ((throughput, "output_tokens_per_s"), (ttft, "ttft_p50_ms")):
+            values = [levels[str(c)][field] for c in x]
+            median = [v["median"] if v else float("nan") for v in values]
+            low = [v["median"] - v["min"] if v else 0 for v in values]
+            high = [v["max"] - v["median"] if v else 0 for v in values]
+            axis.errorbar(x, median, yerr=[low, high], marker="o", capsize=3, label=LABELS[name])
+    for axis, title, unit in ((throughput, "Output throughput (median, range over rounds)", "tokens/s"),
+                              (ttft, "Time to first token p50 (median, range)", "ms")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("concurrent requests")
         axis.set_ylabel(unit)
-        axis.set_title(title)
+        axis.set_title(title, fontsize=10)
         axis.grid(True, alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=8)
     ttft.set_yscale("log")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
+def start(name: str, config: dict, extra_env: dict):
+    """A context manager that starts one server and yields its URL."""
+    dashboard = serve_local.free_port()
+    if name == "app":
+        return servers.this_app(config, {}, dashboard, extra_env)  # the chart's default ingress
+    if name == "app-proxy":
+        return servers.this_app(config, servers.PYTHON_PROXY, dashboard, extra_env)
+    if name == "app-tput":  # the A/B for Serve's throughput-optimized mode, on top of HAProxy
+        return servers.this_app(config, {}, dashboard, {**extra_env, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+    if name == "original":
+        return servers.original_design(config, dashboard, extra_env)
+    if name == "rayllm":
+        return servers.ray_serve_llm(config, dashboard, extra_env)
+    return servers.vllm_server(config, serve_local.free_port(), extra_env)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model id or path (default: the tiny model built locally)")
     parser.add_argument("-f", "--values", action="append", help="values files (default: the chart's CPU profile)")
-    parser.add_argument("--servers", default=",".join(SERVER_NAMES), help="which of app,original,vllm to run")
+    parser.add_argument("--servers", default=",".join(SERVER_NAMES), help=f"which of {','.join(SERVER_NAMES)}")
     parser.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--rounds", type=int, default=2, help="rounds; servers alternate within each")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(16, 2 x concurrency))")
-    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per level at most")
+    parser.add_argument("--requests", type=int, default=0, help="requests per level at least (default: 10 x concurrency)")
+    parser.add_argument("--min-seconds", type=float, default=20.0, help="seconds per level at least")
+    parser.add_argument("--time-limit", type=float, default=90.0, help="no new request after this many seconds")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the servers' processes")
     parser.add_argument("--out", default=str(REPO / "build" / "bench"))
     args = parser.parse_args(argv)
 
-    extra_env = {}
+    extra_env = dict(item.split("=", 1) for item in args.env)
     model = args.model
     if not model:
         model = str(tiny_model.build(serve_local.DEMO_MODEL_DIR))
@@ -143,35 +224,37 @@ def main(argv=None) -> int:
     config, _ = serve_local.local_serve_config(args.values or [serve_local.DEFAULT_VALUES], model=model,
                                                port=serve_local.free_port())
     served = config["applications"][0]["args"]["model"]["servedName"]
+    names = [name for name in args.servers.split(",") if name]
+    unknown = sorted(set(names) - set(SERVER_NAMES))
+    if unknown:
+        parser.error(f"unknown servers {unknown}; choose from {','.join(SERVER_NAMES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    results = {}
+    results: dict[str, list[list[dict]]] = {name: [] for name in names}
     started = time.monotonic()
-    for name in [name for name in SERVER_NAMES if name in args.servers.split(",")]:
-        if name == "app":
-            server = servers.this_app(config, None, serve_local.free_port(), extra_env)
-        elif name == "original":
-            server = servers.original_design(config, serve_local.free_port(), extra_env)
-        else:
-            server = servers.vllm_server(config, serve_local.free_port(), extra_env)
-        with server as url:
-            results[name] = run_server(name, url, served, args)
+    for round_index in range(args.rounds):
+        # Alternate the order too, so no server always runs on a machine warmed by the same neighbour.
+        for name in (names if round_index % 2 == 0 else list(reversed(names))):
+            print(f"\n-- round {round_index + 1}/{args.rounds}", flush=True)
+            with start(name, config, extra_env) as url:
+                results[name].append(run_server(name, url, served, args))
 
     report = {
         "machine": machine(),
         "settings": {"model": model, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
-                     "prompts": len(PROMPTS), "vllm_args": servers.server_settings(config)},
+                     "rounds": args.rounds, "min_seconds": args.min_seconds, "prompts": len(PROMPTS),
+                     "env": extra_env, "vllm_args": servers.server_settings(config)},
         "results": results,
+        "summary": summary(results),
         "ratios": ratios(results),
         "wall_time_s": round(time.monotonic() - started, 1),
     }
     (out / "results.json").write_text(json.dumps(report, indent=2))
     plot(results, out / "throughput_ttft.png")
     print("\n" + table(results))
-    print("\nRatios (this app / other), per concurrency:")
-    for concurrency, entry in report["ratios"].items():
-        print(f"  c={concurrency:<3} " + "  ".join(f"{key} {value}x" for key, value in entry.items()))
+    print("\nRatios (this app / other), median [range] over rounds, per concurrency:")
+    print("\n".join(ratio_lines(report["ratios"])))
     print(f"\nMachine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
           f"{report['machine']['memory_gib']} GiB, GPU: {report['machine']['gpu']}")
     print(f"Wrote {out / 'results.json'} and {out / 'throughput_ttft.png'} ({report['wall_time_s']} s)")

@@ -1,10 +1,14 @@
-"""The three servers the benchmark compares, each started on 127.0.0.1 and stopped after its run.
+"""The servers the benchmark compares, each started on 127.0.0.1 and stopped after its run.
 
-All three get the same engine and frontend arguments, derived once from the chart-rendered args by
-the app's own mapping (vllm_app.vllm_server_settings), so only the serving path differs:
-  app       this chart's app, deployed from the chart's serveConfigV2 as `make serve` does
-  original  the guide's design (bench/baseline_app.py) on the same local Ray and Serve options
-  vllm      vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`), no Ray
+All get the same engine arguments, derived once from the chart-rendered args by the app's own
+mapping (vllm_app.vllm_server_settings), so only the serving path differs:
+  app         this chart's app, deployed from the chart's serveConfigV2 as `make serve` does, with
+              the chart's default ingress (Ray Serve's HAProxy)
+  app-proxy   the same app behind Ray Serve's Python proxy (serving.ingress=proxy)
+  app-tput    the app with HAProxy and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (the A/B for that switch)
+  original    the guide's design (bench/baseline_app.py) on the same local Ray and Serve options
+  vllm        vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`), no Ray
+  rayllm      Ray Serve LLM's default OpenAI app (`ray.serve.llm:build_openai_app`) on the same Ray
 """
 
 from __future__ import annotations
@@ -33,10 +37,28 @@ def server_settings(serve_config: dict) -> dict:
     return vllm_app.vllm_server_settings(args)
 
 
+def serving_path_cpu() -> float:
+    """CPU seconds used so far by every process this benchmark started but vLLM's engine cores and
+    the benchmark itself: Ray's processes, Serve's proxy or HAProxy, the replica, vLLM's frontend."""
+    import psutil
+
+    total = 0.0
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "EngineCor" in process.name() or any("EngineCore" in part for part in process.cmdline()[:1]):
+                continue
+            times = process.cpu_times()
+            total += times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return total
+
+
 @contextlib.contextmanager
-def this_app(serve_config: dict, api_key, dashboard_port: int, extra_env: dict):
-    with serve_local.LocalServe(serve_config, api_key=api_key, dashboard_port=dashboard_port,
-                                extra_env=extra_env) as server:
+def this_app(serve_config: dict, values: dict, dashboard_port: int, extra_env: dict):
+    """The app, with the Ray Serve ingress the values ask for (the chart's default: HAProxy)."""
+    with serve_local.LocalServe(serve_config, dashboard_port=dashboard_port, extra_env=extra_env,
+                                values=values) as server:
         yield server.url
 
 
@@ -57,7 +79,43 @@ def original_design(serve_config: dict, dashboard_port: int, extra_env: dict):
         }],
     }
     env = {**extra_env, "PYTHONPATH": os.pathsep.join([str(REPO / "bench"), str(REPO / "files")])}
-    with serve_local.LocalServe(baseline, dashboard_port=dashboard_port, extra_env=env) as server:
+    # The guide's design ran behind Serve's default (Python) proxy.
+    with serve_local.LocalServe(baseline, dashboard_port=dashboard_port, extra_env=env,
+                                values=PYTHON_PROXY) as server:
+        yield server.url
+
+
+PYTHON_PROXY = {"serving": {"ingress": "proxy"}}
+
+
+@contextlib.contextmanager
+def ray_serve_llm(serve_config: dict, dashboard_port: int, extra_env: dict):
+    """Ray Serve LLM's default OpenAI app, as its docs deploy it, with this app's engine arguments
+    and Serve options. On CPU it needs an explicit CPU accelerator config (else it asks Ray for a
+    GPU bundle), and its ingress deployment at 0 CPUs so both deployments fit on a 2-CPU Ray."""
+    [app] = serve_config["applications"]
+    [deployment] = app["deployments"]
+    engine = vllm_app.vllm_engine_settings(vllm_app.AppArgs.model_validate(app["args"]))
+    model = engine.pop("model")
+    [served] = engine.pop("served_model_name")
+    llm_config = {
+        "model_loading_config": {"model_id": served, "model_source": model},
+        "engine_kwargs": {name: value for name, value in engine.items() if value not in (None, "")},
+        "accelerator_config": {"kind": "cpu"},
+        "deployment_config": {key: deployment[key] for key in
+                              ("num_replicas", "max_ongoing_requests", "max_queued_requests") if key in deployment},
+    }
+    config = {
+        "http_options": serve_config["http_options"],
+        "applications": [{
+            "name": "rayllm", "import_path": "ray.serve.llm:build_openai_app", "route_prefix": "/",
+            "args": {"llm_configs": [llm_config],
+                     "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}},
+        }],
+    }
+    # Its default app runs behind Serve's default (Python) proxy.
+    with serve_local.LocalServe(config, dashboard_port=dashboard_port, extra_env=extra_env,
+                                values=PYTHON_PROXY) as server:
         yield server.url
 
 

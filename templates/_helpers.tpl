@@ -203,13 +203,35 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
 {{- toYaml $config }}
 {{- end }}
 
-{{/* Environment every Ray container gets: the app on PYTHONPATH, the HF cache, the secrets. */}}
+{{/*
+Ray Serve's ingress, as environment variables of every Ray process (head and workers alike, as in
+KubeRay's ray-service.high-throughput-llm sample). With serving.ingress=haproxy (Ray 2.60):
+- RAY_SERVE_ENABLE_HA_PROXY=1: each node runs HAProxy on the Serve port (8000) instead of Serve's
+  Python ProxyActor. HAProxy answers /-/healthz and /-/routes itself, which KubeRay probes to put
+  a pod behind the serve Service, so the Service, the probes and NOTES stay as they are.
+- It forces Serve's direct ingress: each ingress replica serves HTTP itself on a port from
+  30000-31000 (gRPC 40000-41000), bound on all interfaces so HAProxy on any node can reach it.
+  Pod-to-pod traffic needs no containerPort; a NetworkPolicy must allow those ranges between the
+  release's Ray pods. HAProxy's stats (8404) and metrics (9101) ports listen on every node too.
+- RAY_SERVE_THROUGHPUT_OPTIMIZED is left off: it also moves Serve's request logs into a
+  1000-line buffer and off stderr (so the per-request log line arrives late), and in an
+  alternating A/B on top of HAProxy it did not pay (README, "Performance").
+*/}}
+{{- define "vllm-rayservice.ingressEnv" -}}
+{{- if eq .Values.serving.ingress "haproxy" }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- end }}
+{{- end }}
+
+{{/* Environment every Ray container gets: the app on PYTHONPATH, the HF cache, the ingress, the secrets. */}}
 {{- define "vllm-rayservice.rayEnv" -}}
 # Kubernetes does not expand the image's own $PYTHONPATH here, so name the app folder alone.
 - name: PYTHONPATH
   value: {{ include "vllm-rayservice.appDir" . }}
 - name: HF_HOME
   value: {{ .Values.model.cache.mountPath }}
+{{- include "vllm-rayservice.ingressEnv" . }}
 {{- if .Values.model.huggingFaceToken.existingSecret }}
 - name: HF_TOKEN
   valueFrom:

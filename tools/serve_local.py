@@ -78,12 +78,33 @@ def local_serve_config(values_files=(), set_values=(), model: Optional[str] = No
     return config, merged
 
 
+def chart_ingress_env(values: Optional[dict] = None) -> dict:
+    """The Ray Serve settings the chart gives every Ray pod (RAY_SERVE_* variables, e.g. the
+    HAProxy ingress), so a local run serves through the same ingress as the cluster."""
+    rendered = chart.render(values or {}, release="local")
+    [head] = rendered.rayservice()["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+    return {env["name"]: env["value"] for env in head.get("env", [])
+            if env["name"].startswith("RAY_SERVE_") and "value" in env}
+
+
 class LocalServe:
-    """A local Ray with the dashboard, running one serveConfigV2. Use as a context manager."""
+    """A local Ray with the dashboard, running one serveConfigV2. Use as a context manager.
+
+    Ray Serve's ingress follows the chart: its values (the chart's defaults when none are given)
+    decide the RAY_SERVE_* environment of the local Ray, as they do on the pods.
+    """
 
     def __init__(self, config: dict, *, api_key: Optional[str] = None, dashboard_port: int = 8265,
-                 num_cpus: int = 2, extra_env: Optional[dict] = None, metrics_port: Optional[int] = None):
+                 num_cpus: int = 2, extra_env: Optional[dict] = None, metrics_port: Optional[int] = None,
+                 values: Optional[dict] = None):
         self.config = config
+        self.ingress_env = chart_ingress_env(values)
+        self.haproxy = self.ingress_env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+        if self.haproxy:
+            # HAProxy's stats and metrics ports: free ones, so local runs side by side don't clash.
+            # Ray 2.60 binds them on all interfaces; nothing here sends traffic to them.
+            self.ingress_env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
+                                    RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()))
         self.api_key = api_key
         self.dashboard_port = dashboard_port
         self.num_cpus = num_cpus
@@ -125,6 +146,7 @@ class LocalServe:
             "TMPDIR": self._temp_dir,
             "RAY_TMPDIR": self._temp_dir,
             **vllm_environment(),
+            **self.ingress_env,
         }
         if self.api_key:
             env[API_KEY_ENV] = self.api_key
@@ -259,6 +281,16 @@ def api_key_from(values: dict) -> Optional[str]:
     return key_values.get("value") or None
 
 
+def _ingress_note(server: "LocalServe") -> str:
+    if not server.haproxy:
+        return "Ingress: Ray Serve's Python proxy (serving.ingress=proxy), on 127.0.0.1."
+    env = server.ingress_env
+    return ("Ingress: Ray Serve's HAProxy (the chart's default, serving.ingress=haproxy). HAProxy and the "
+            "replica's own HTTP port (30000-31000) listen on 127.0.0.1; Ray 2.60 binds HAProxy's stats "
+            f"({env['RAY_SERVE_HAPROXY_STATS_PORT']}) and metrics ({env['RAY_SERVE_HAPROXY_METRICS_PORT']}) "
+            "ports on all interfaces.")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-f", "--values", action="append", default=None,
@@ -295,13 +327,14 @@ def main(argv=None) -> int:
     served = config["applications"][0]["args"]["model"]["servedName"]
     print(f"Starting Ray and deploying {served} (first start takes a minute) ...", flush=True)
     try:
-        with LocalServe(config, api_key=api_key, dashboard_port=args.dashboard_port,
-                        num_cpus=args.num_cpus, extra_env=extra_env, metrics_port=args.metrics_port) as server:
+        with LocalServe(config, api_key=api_key, dashboard_port=args.dashboard_port, num_cpus=args.num_cpus,
+                        extra_env=extra_env, metrics_port=args.metrics_port, values=values) as server:
             auth = ' -H "Authorization: Bearer $VLLM_RAYSERVICE_API_KEY"' if api_key else ""
             print(f"\nServing {served} on {server.url} (Ctrl-C stops it). Try:\n"
                   f"  curl {server.url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
                   f"    -d '{{\"model\": \"{served}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
-                  f"Metrics (Ray, Serve and vLLM's engine, for Prometheus): {server.metrics_url}\n",
+                  f"Metrics (Ray, Serve and vLLM's engine, for Prometheus): {server.metrics_url}\n"
+                  f"{_ingress_note(server)}\n",
                   flush=True)
             stop.wait()
             print("Stopping ...", flush=True)

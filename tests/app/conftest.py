@@ -81,7 +81,7 @@ def server(tiny_model_dir, no_template_model_dir, named_keys_dir):
     bare["args"]["engine"]["maxModelLen"] = 512
     bare["deployments"][0]["ray_actor_options"]["num_cpus"] = 0
     config["applications"].append(bare)
-    with serve_local.LocalServe(config, api_key=serve_local.api_key_from(merged),
+    with serve_local.LocalServe(config, api_key=serve_local.api_key_from(merged), values=merged,
                                 dashboard_port=serve_local.free_port(), extra_env={"HF_HUB_OFFLINE": "1"}) as running:
         yield running
 

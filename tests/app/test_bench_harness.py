@@ -40,18 +40,52 @@ def test_percentiles_and_summary():
     assert (summary.ttft_p50_ms, summary.itl_p50_ms, summary.loadgen_cpu_percent) == (100.0, 20.0, 25.0)
 
 
-def test_report_should_hold_ratios_a_table_and_a_plot(tmp_path):
-    level = lambda c, tok, ttft: {"concurrency": c, "requests": 8, "errors": 0, "duration_s": 1.0,  # noqa: E731
-                                  "requests_per_s": 8.0, "output_tokens_per_s": tok, "ttft_p50_ms": ttft,
-                                  "ttft_p95_ms": ttft, "itl_p50_ms": 1.0, "latency_p50_ms": 10.0,
-                                  "latency_p95_ms": 12.0, "loadgen_cpu_percent": 5.0, "error_samples": []}
-    results = {"app": [level(16, 900.0, 30.0)], "original": [level(16, 100.0, 600.0)], "vllm": [level(16, 1000.0, 25.0)]}
-    assert run.ratios(results) == {"16": {"throughput_vs_original": 9.0, "throughput_vs_vllm": 0.9,
-                                          "ttft_p50_vs_vllm": 1.2}}
-    assert "original design" in run.table(results)
+def _level(concurrency, tokens_per_s, ttft_ms):
+    return {"concurrency": concurrency, "requests": 160, "errors": 0, "duration_s": 20.0, "requests_per_s": 8.0,
+            "output_tokens_per_s": tokens_per_s, "ttft_p50_ms": ttft_ms, "ttft_p95_ms": ttft_ms, "itl_p50_ms": 1.0,
+            "latency_p50_ms": 10.0, "latency_p95_ms": 12.0, "loadgen_cpu_percent": 5.0,
+            "serving_cpu_s_per_1k_tokens": 0.5, "error_samples": []}
+
+
+def test_report_should_give_medians_ranges_ties_a_table_and_a_plot(tmp_path):
+    # Two rounds: round i of this app is paired with round i of each other server.
+    results = {"app": [[_level(16, 900.0, 30.0)], [_level(16, 1100.0, 20.0)]],
+               "vllm": [[_level(16, 1000.0, 25.0)], [_level(16, 1000.0, 25.0)]],
+               "rayllm": [[_level(16, 300.0, 60.0)], [_level(16, 500.0, 40.0)]]}
+    ratios = run.ratios(results)["16"]
+    assert ratios["throughput_vs_vllm"] == {"median": 1.0, "min": 0.9, "max": 1.1, "n": 2, "tie": True}
+    assert ratios["throughput_vs_rayllm"]["min"] == 2.2 and ratios["throughput_vs_rayllm"]["tie"] is False
+    assert ratios["ttft_p50_vs_vllm"]["median"] == 1.0
+    stats = run.summary(results)
+    assert stats["app"]["16"]["output_tokens_per_s"] == {"median": 1000.0, "min": 900.0, "max": 1100.0, "n": 2}
+    assert "1000.0 [900.0-1100.0]" in run.table(results) and "Ray Serve LLM" in run.table(results)
+    assert any("(tie)" in line for line in run.ratio_lines(run.ratios(results)))
     run.plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(run.machine())  # the machine record is plain data
+
+
+def test_a_level_should_run_for_its_minimum_time_and_count_the_servers_cpu(server, model_name):
+    calls = []
+
+    def fake_cpu():  # the probe is read once before and once after the level
+        calls.append(1)
+        return 10.0 * len(calls)
+
+    result = asyncio.run(loadgen.run_level(server.url, model_name, run.PROMPTS, concurrency=2, requests=2,
+                                           max_tokens=4, api_key=API_KEY, min_duration=3.0, serving_cpu=fake_cpu))
+    assert result.duration_s >= 3.0 and result.requests > 2 and result.errors == 0
+    assert len(calls) == 2
+    assert result.serving_cpu_s_per_1k_tokens == pytest.approx(10.0 * 1000 / (4 * result.requests), rel=0.01)
+
+
+def test_the_serving_path_cpu_should_leave_out_the_engine_and_the_benchmark(server):
+    import psutil
+
+    engine = [p for p in psutil.Process().children(recursive=True) if "EngineCor" in p.name()]
+    assert engine, "the app's engine core process should be among this run's processes"
+    before = servers.serving_path_cpu()
+    assert before > 0 and servers.serving_path_cpu() >= before
 
 
 def test_all_servers_should_get_the_same_engine_arguments(server):

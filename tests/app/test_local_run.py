@@ -138,3 +138,17 @@ def test_vllms_engine_metrics_should_reach_rays_metrics_port(server, http, model
     generated = [line for line in text.splitlines()
                  if line.startswith("ray_vllm_generation_tokens_total") and f'model_name="{model_name}"' in line]
     assert generated and float(generated[0].rsplit(" ", 1)[1]) >= 5
+
+
+def test_the_local_run_should_serve_through_the_charts_default_ingress(server):
+    """The chart's default is Ray Serve's HAProxy ingress; the local stack runs the same."""
+    import psutil
+
+    assert server.haproxy and server.ingress_env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    names = {process.name() for process in psutil.Process().children(recursive=True)}
+    assert "haproxy" in names, names
+    # Every port the model is served on stays on loopback (HAProxy's own stats and metrics
+    # ports are Ray's to bind, and this test sends them nothing).
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+                 and c.laddr.port in (server.port, *range(30000, 31001))]
+    assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening), listening

@@ -370,3 +370,25 @@ class TestNamesAndLabels:
             assert template["metadata"]["labels"] == {"app.kubernetes.io/name": "vllm-rayservice",
                                                       "app.kubernetes.io/instance": "lbl",
                                                       "app.kubernetes.io/component": component}
+
+
+class TestIngress:
+    @staticmethod
+    def _env_names(rendered):
+        cluster = rendered.rayservice()["spec"]["rayClusterConfig"]
+        pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+        return [{env["name"]: env.get("value") for env in pod["containers"][0]["env"]} for pod in pods]
+
+    def test_should_turn_on_serves_haproxy_ingress_on_head_and_workers_by_default(self, render):
+        for env in self._env_names(render({})):
+            assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+            assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in env
+
+    def test_proxy_should_keep_serves_python_proxy(self, render):
+        for env in self._env_names(render({"serving": {"ingress": "proxy"}})):
+            assert not any(name.startswith("RAY_SERVE_") for name in env)
+
+    def test_the_service_should_still_target_the_serve_port_haproxy_listens_on(self, render):
+        rendered = render({})
+        [port] = rendered.rayservice()["spec"]["serveService"]["spec"]["ports"]
+        assert port["targetPort"] == rendered.serve_config()["http_options"]["port"] == 8000
