@@ -282,3 +282,13 @@ KubeRay's ray-service.high-throughput-llm sample). With serving.ingress=haproxy 
     secretName: {{ . }}
 {{- end }}
 {{- end }}
+
+{{/*
+The job label of this release's series: the Prometheus Operator labels what a PodMonitor scrapes
+"<namespace>/<PodMonitor name>". The alerts select this release's series by it, and the dashboards
+open on it.
+*/}}
+{{- define "vllm-rayservice.metricsJob" -}}
+{{- printf "%s/%s" .Release.Namespace (include "vllm-rayservice.fullname" .) }}
+{{- end }}
+

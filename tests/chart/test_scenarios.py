@@ -1,6 +1,7 @@
 """Every scenario (the defaults and each ci/*-values.yaml) renders, and every object it renders is
-valid: built-in kinds against Kubernetes' schemas, the RayService against each KubeRay CRD, the pod
-templates as core PodTemplateSpecs, and serveConfigV2's args against the app's own contract."""
+valid: built-in kinds against Kubernetes' schemas, the RayService against each KubeRay CRD, the
+PodMonitor and PrometheusRule against the Prometheus Operator's CRDs, the pod templates as core
+PodTemplateSpecs, and serveConfigV2's args against the app's own contract."""
 
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from tools import chart
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = [None] + sorted(str(path.relative_to(REPO)) for path in (REPO / "ci").glob("*-values.yaml"))
 CRDS = kube_schemas.crd_files()
+# Kinds a CRD defines: kubernetes-validate knows only the built-in ones.
+CUSTOM_KINDS = {"RayService", "PodMonitor", "PrometheusRule"}
 
 
 def _render(scenario):
@@ -21,7 +24,8 @@ def _render(scenario):
 
 def test_should_have_the_scenarios_the_chart_promises():
     names = " ".join(SCENARIOS[1:])
-    for purpose in ("guide-t4", "tensor-parallel", "autoscaling", "loadbalancer-apikey", "cpu-kind", "restricted"):
+    for purpose in ("guide-t4", "tensor-parallel", "autoscaling", "loadbalancer-apikey", "cpu-kind", "restricted",
+                    "monitoring"):
         assert purpose in names
 
 
@@ -29,7 +33,7 @@ def test_should_have_the_scenarios_the_chart_promises():
 @pytest.mark.parametrize("kube_version", kube_schemas.KUBE_VERSIONS)
 def test_should_render_valid_builtin_objects(scenario, kube_version):
     rendered = _render(scenario)
-    builtins = [obj for obj in rendered.objects if obj["kind"] != "RayService"]
+    builtins = [obj for obj in rendered.objects if obj["kind"] not in CUSTOM_KINDS]
     assert {"ConfigMap", "Pod"} <= {obj["kind"] for obj in builtins}
     for obj in builtins:
         kube_schemas.validate_builtin(obj, kube_version)
@@ -53,6 +57,18 @@ def test_should_render_valid_pod_templates_and_serve_service(scenario, kube_vers
 def test_should_render_a_rayservice_every_kuberay_version_accepts(scenario, crd):
     errors = kube_schemas.rayservice_errors(_render(scenario).rayservice(), crd)
     assert errors == []
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("kind", ["PodMonitor", "PrometheusRule"])
+def test_should_render_monitoring_objects_the_prometheus_operator_accepts(scenario, kind):
+    crd = kube_schemas.prometheus_crd(kind)
+    if crd is None:
+        pytest.skip(kube_schemas.prometheus_crd_missing_reason(kind))
+    for obj in _render(scenario).of_kind(kind):
+        assert kube_schemas.crd_errors(obj, crd) == []
+        for kube_version in kube_schemas.KUBE_VERSIONS:
+            kube_schemas.validate_metadata(obj, kube_version)
 
 
 @pytest.mark.skipif(not CRDS, reason=kube_schemas.crd_missing_reason())

@@ -28,6 +28,13 @@ BAD_VALUES = [
                  id="bad-quantity"),
     pytest.param({"workers": {"groupName": "GPU_Workers"}}, "/workers/groupName", id="group-name-not-dns"),
     pytest.param({"fullnameOverride": "x" * 60}, "/fullnameOverride", id="fullname-over-kuberay-limit"),
+    pytest.param({"monitoring": {"podMonitor": {"intervall": "30s"}}}, "intervall", id="typo-pod-monitor-key"),
+    pytest.param({"monitoring": {"podMonitor": {"interval": "30"}}}, "/monitoring/podMonitor/interval",
+                 id="interval-without-unit"),
+    pytest.param({"monitoring": {"podMonitor": {"relabelings": [{"sourcelabels": ["__name__"]}]}}}, "sourcelabels",
+                 id="typo-in-relabeling"),
+    pytest.param({"monitoring": {"podMonitor": {"metricRelabelings": [{"action": "rename"}]}}},
+                 "/monitoring/podMonitor/metricRelabelings/0/action", id="unknown-relabel-action"),
     # Rules across keys (templates/_validate.tpl): the message says what to change.
     pytest.param({"engine": {"tensorParallelSize": 2}}, "Raise workers.gpus to at least 2", id="tp-larger-than-gpus"),
     pytest.param({"engine": {"tensorParallelSize": 2, "pipelineParallelSize": 2}, "workers": {"gpus": 2}},
