@@ -292,3 +292,23 @@ open on it.
 {{- printf "%s/%s" .Release.Namespace (include "vllm-rayservice.fullname" .) }}
 {{- end }}
 
+{{/*
+A Grafana dashboard from files/dashboards/, made this release's: a uid and a title of its own (the
+sidecar loads every release's dashboards into one Grafana, which refuses two with one uid), and its
+job variable opening on this release's series. Call with (list $ "files/dashboards/NAME.json").
+*/}}
+{{- define "vllm-rayservice.dashboard" -}}
+{{- $root := index . 0 }}
+{{- $path := index . 1 }}
+{{- $dashboard := $root.Files.Get $path | fromJson }}
+{{- $job := include "vllm-rayservice.metricsJob" $root }}
+{{- /* Grafana caps a uid at 40 characters. */}}
+{{- $_ := set $dashboard "uid" (printf "vllm-rs-%s" (printf "%s %s" $job $path | sha256sum | trunc 16)) }}
+{{- $_ := set $dashboard "title" (printf "%s (%s)" $dashboard.title $job) }}
+{{- range $dashboard.templating.list }}
+{{- if eq .name "job" }}
+{{- $_ := set . "current" (dict "text" $job "value" $job) }}
+{{- end }}
+{{- end }}
+{{- toPrettyJson $dashboard }}
+{{- end }}

@@ -55,5 +55,8 @@ keys and says what to change. Rendered (to nothing) at the top of rayservice.yam
 {{- if and (eq .Values.service.type "ClusterIP") (not (kindIs "invalid" .Values.service.nodePort)) }}
 {{- fail "service.nodePort needs service.type NodePort or LoadBalancer." }}
 {{- end }}
+{{- if and .Values.monitoring.prometheusRule.enabled (not .Values.monitoring.podMonitor.enabled) }}
+{{- fail (printf "monitoring.prometheusRule.enabled is true but monitoring.podMonitor.enabled is false: the alerts select this release's series by the job label the chart's PodMonitor gives them (%s). Set monitoring.podMonitor.enabled=true too." (include "vllm-rayservice.metricsJob" .)) }}
+{{- end }}
 {{- include "vllm-rayservice.validateKubeRay" . }}
 {{- end }}

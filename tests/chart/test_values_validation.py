@@ -35,6 +35,22 @@ BAD_VALUES = [
                  id="typo-in-relabeling"),
     pytest.param({"monitoring": {"podMonitor": {"metricRelabelings": [{"action": "rename"}]}}},
                  "/monitoring/podMonitor/metricRelabelings/0/action", id="unknown-relabel-action"),
+    pytest.param({"monitoring": {"dashboards": {"label": "grafana dashboard"}}}, "/monitoring/dashboards/label",
+                 id="dashboard-label-not-a-label-name"),
+    pytest.param({"monitoring": {"prometheusRule": {"errorRatio": {"threshold": 5}}}},
+                 "/monitoring/prometheusRule/errorRatio/threshold", id="error-ratio-as-percent"),
+    pytest.param({"monitoring": {"prometheusRule": {"kvCache": {"threshold": 90}}}},
+                 "/monitoring/prometheusRule/kvCache/threshold", id="kv-cache-threshold-as-percent"),
+    pytest.param({"monitoring": {"prometheusRule": {"kvCache": {"threshold": 0}}}},
+                 "/monitoring/prometheusRule/kvCache/threshold", id="zero-kv-cache-threshold"),
+    pytest.param({"monitoring": {"prometheusRule": {"timeToFirstToken": {"thresholdSeconds": 0}}}},
+                 "/monitoring/prometheusRule/timeToFirstToken/thresholdSeconds", id="zero-first-token-threshold"),
+    pytest.param({"monitoring": {"prometheusRule": {"errorRatio": {"for": "10 minutes"}}}},
+                 "/monitoring/prometheusRule/errorRatio/for", id="alert-for-not-a-duration"),
+    pytest.param({"monitoring": {"prometheusRule": {"noHealthyReplica": {"for": ""}}}},
+                 "/monitoring/prometheusRule/noHealthyReplica/for", id="empty-alert-for"),
+    pytest.param({"monitoring": {"prometheusRule": {"noHealthyReplica": {"severity": ""}}}},
+                 "/monitoring/prometheusRule/noHealthyReplica/severity", id="empty-severity"),
     # Rules across keys (templates/_validate.tpl): the message says what to change.
     pytest.param({"engine": {"tensorParallelSize": 2}}, "Raise workers.gpus to at least 2", id="tp-larger-than-gpus"),
     pytest.param({"engine": {"tensorParallelSize": 2, "pipelineParallelSize": 2}, "workers": {"gpus": 2}},
@@ -67,6 +83,8 @@ BAD_VALUES = [
                  id="num-cpus-override-on-cpu-workers"),
     pytest.param({"workers": {"rayStartParams": {"num-gpus": "2"}}}, "workers.rayStartParams.num-gpus",
                  id="num-gpus-override"),
+    pytest.param({"monitoring": {"prometheusRule": {"enabled": True}}}, "Set monitoring.podMonitor.enabled=true",
+                 id="alerts-without-pod-monitor"),
 ]
 
 
