@@ -367,3 +367,8 @@ def test_the_scenario_should_turn_everything_on():
     assert rendered.one("PodMonitor") and rendered.one("PrometheusRule")
     assert len(_dashboard_config_maps(rendered)) == len(DASHBOARD_FILES)
 
+
+def test_the_readme_should_list_the_metric_names_in_use():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Metric names", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    assert section.split() == monitoring.metric_names(), "README's metric names are stale: python -m tools.monitoring --names"
