@@ -228,6 +228,16 @@ class TestDashboards:
             if "variable $job" not in source:  # the list of releases to choose from
                 assert _selectors_without_the_job(expr) == [], source
 
+    def test_serve_request_queries_should_leave_serves_own_health_checks_out(self, render):
+        """Serve counts KubeRay's probes of /-/healthz too, with no application: at low traffic they
+        would be most of the requests and pull the latency quantiles down."""
+        expressions = monitoring.all_expressions()
+        for source, expr in expressions:
+            for metric in ("ray_serve_num_http_requests_total", "ray_serve_http_request_latency_ms_bucket"):
+                for selector in re.findall(rf"\b{metric}(\{{[^}}]*\}})?", expr):
+                    assert 'application!=""' in selector, source
+        assert any("ray_serve_num_http_requests_total" in expr for source, expr in expressions if "alert" in source)
+
     def test_the_overview_should_show_traffic_latency_throughput_and_capacity(self, render):
         queries = {panel["title"]: " ".join(t["expr"] for t in panel["targets"])
                    for panel in monitoring.dashboards(render(ALL_ON))["overview.json"]["panels"]}
