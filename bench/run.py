@@ -185,6 +185,40 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def markdown(report: dict) -> str:
+    """The README's tables from a results.json: per server and level, then the ratios."""
+    def cell(value, digits=0, unit=""):
+        if not value:
+            return "-"
+        return f"{value['median']:,.{digits}f}{unit} ({value['min']:,.{digits}f}-{value['max']:,.{digits}f})"
+
+    lines = ["| server | concurrency | output tok/s | TTFT p50 (ms) | ITL p50 (ms) | serving CPU s / 1k tok | errors |",
+             "| --- | --: | --: | --: | --: | --: | --: |"]
+    for name, levels in report["summary"].items():
+        for concurrency, level in levels.items():
+            itl = level["itl_p50_ms"]["median"] if level["itl_p50_ms"] else None
+            lines.append(f"| {LABELS[name]} | {concurrency} | {cell(level['output_tokens_per_s'])} | "
+                         f"{cell(level['ttft_p50_ms'])} | {'-' if itl is None else f'{itl:.1f}'} | "
+                         f"{cell(level['serving_cpu_s_per_1k_tokens'], 2)} | "
+                         f"{int(level['errors']['max']) if level['errors'] else 0} |")
+    lines += ["", "| concurrency | " + " | ".join(f"this app / {LABELS[other]}" for other in BASELINES) + " |",
+              "| --: |" + " --: |" * len(BASELINES)]
+    for concurrency, entry in report["ratios"].items():
+        cells = []
+        for other in BASELINES:
+            ratio = entry.get(f"throughput_vs_{other}")
+            ttft = entry.get(f"ttft_p50_vs_{other}")
+            if not ratio:
+                cells.append("-")
+                continue
+            text = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}){' tie' if ratio['tie'] else ''}"
+            if ttft:
+                text += f"; TTFT {ttft['median']:.2f}x"
+            cells.append(text)
+        lines.append(f"| {concurrency} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def start(name: str, config: dict, extra_env: dict):
     """A context manager that starts one server and yields its URL."""
     dashboard = serve_local.free_port()
@@ -214,7 +248,11 @@ def main(argv=None) -> int:
     parser.add_argument("--time-limit", type=float, default=90.0, help="no new request after this many seconds")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the servers' processes")
     parser.add_argument("--out", default=str(REPO / "build" / "bench"))
+    parser.add_argument("--markdown", metavar="RESULTS_JSON", help="only print the README tables of an earlier run")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
 
     extra_env = dict(item.split("=", 1) for item in args.env)
     model = args.model

@@ -282,8 +282,15 @@ class _NoServer:
 # ---------------------------------------------------------------------------------------------
 # 3. Usage accounting. vLLM's serving objects call the engine's generate() once per prompt; a
 #    thin subclass counts the tokens into the HTTP request that caused them (a context variable,
-#    which asyncio carries into the tasks the request spawns), for the log line.
+#    which asyncio carries into the tasks the request spawns), for the log line and the per-key
+#    counters.
 # ---------------------------------------------------------------------------------------------
+
+# The key label of requests that did not show a valid key (or were refused before the check), and
+# of all requests when auth is off. A key's own name is never one of these: Secret keys are
+# file names, which a Kubernetes Secret key cannot write with a leading "<".
+UNAUTHENTICATED, ANONYMOUS = "<none>", "<anonymous>"
+UNMATCHED = "<unmatched>"  # the route label of requests for no public route
 
 
 class RequestRecord:
@@ -292,6 +299,7 @@ class RequestRecord:
     def __init__(self, request_id: str, method: str, path: str):
         self.request_id, self.method, self.path = request_id, method, path
         self.started = time.monotonic()
+        self.route = UNMATCHED  # the route's template, once matched
         self.key = UNAUTHENTICATED  # the name of the API key it came with, once checked
         self.status = 0
         self.complete = False  # the last byte of the response went out
@@ -317,12 +325,6 @@ class RequestRecord:
         return line
 
 
-# The key label of requests that did not show a valid key (or were refused before the check), and
-# of all requests when auth is off. A key's own name is never one of these: Secret keys are
-# file names, which a Kubernetes Secret key cannot write with a leading "<".
-UNAUTHENTICATED, ANONYMOUS = "<none>", "<anonymous>"
-
-
 class UsageMetrics:
     """Per-key counters on Ray's metrics export (`ray_vllm_rayservice_*` on each pod's metrics port)."""
 
@@ -337,7 +339,7 @@ class UsageMetrics:
                                          "Generated tokens by API key name.", tag_keys=("key",))
 
     def record(self, record: "RequestRecord") -> None:
-        self.requests.inc(1, {"key": record.key, "route": record.path, "status": str(record.status)})
+        self.requests.inc(1, {"key": record.key, "route": record.route, "status": str(record.status)})
         if record.prompt_tokens:
             self.prompt_tokens.inc(record.prompt_tokens, {"key": record.key})
         if record.completion_tokens:
@@ -384,12 +386,14 @@ PUBLIC_ROUTES = {
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/{response_id}"),
+    ("POST", "/v1/responses/{response_id}/cancel"),
     ("POST", "/v1/messages"),
     ("POST", "/v1/messages/count_tokens"),
     ("POST", "/tokenize"),
     ("POST", "/detokenize"),
     ("GET", "/version"),
-    # Pooling models (embeddings, scores, classification), mounted by vLLM only for those.
+    # Pooling models (embeddings, scores, classification).
     ("POST", "/v1/embeddings"),
     ("POST", "/pooling"),
     ("POST", "/classify"),
@@ -399,18 +403,32 @@ PUBLIC_ROUTES = {
     ("POST", "/v1/rerank"),
     ("POST", "/v2/rerank"),
 }
-# /v1/responses/{id} (retrieve) and /v1/responses/{id}/cancel.
-PUBLIC_ROUTE_PATTERNS = [("GET", re.compile(r"/v1/responses/[^/]+")),
-                         ("POST", re.compile(r"/v1/responses/[^/]+/cancel"))]
 OPEN_PATHS = {"/health"}  # readable without the key: probes and load balancers
 
 
-def route_status(method: str, path: str) -> int:
-    """200 for a public route, 405 for a public path with another method, else 404."""
-    if (method, path) in PUBLIC_ROUTES or any(m == method and p.fullmatch(path) for m, p in PUBLIC_ROUTE_PATTERNS):
-        return 200
-    known_path = any(p == path for _, p in PUBLIC_ROUTES) or any(p.fullmatch(path) for _, p in PUBLIC_ROUTE_PATTERNS)
-    return 405 if known_path else 404
+class Routes:
+    """The public routes vLLM's app really mounts for this model (a generative model has no
+    /v1/embeddings, an embedding model no /v1/chat/completions), matched by their templates."""
+
+    def __init__(self, app):
+        mounted = {(method, route.path) for route in getattr(app, "routes", [])
+                   for method in getattr(route, "methods", None) or ()}
+        # An app that lists no routes (a bare ASGI callable) is taken to serve them all.
+        self.routes = PUBLIC_ROUTES & mounted if mounted else set(PUBLIC_ROUTES)
+        self._patterns = [(method, template, re.compile(re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template))))
+                          for method, template in sorted(self.routes)]
+
+    def template(self, method: str, path: str) -> str:
+        """The route a request is for ("/v1/responses/{response_id}"), or UNMATCHED: metrics
+        label routes by template, so a scanner's random paths add no series."""
+        return next((template for m, template, pattern in self._patterns
+                     if m == method and pattern.fullmatch(path)), UNMATCHED)
+
+    def status(self, method: str, path: str) -> int:
+        """200 for a public route, 405 for a public path with another method, else 404."""
+        if self.template(method, path) != UNMATCHED:
+            return 200
+        return 405 if any(pattern.fullmatch(path) for _, _, pattern in self._patterns) else 404
 
 
 def error_body(status: int, message: str, type: str, code: str) -> bytes:
@@ -488,6 +506,7 @@ class Gate:
 
     def __init__(self, app, keys: APIKeys, log_prompts: bool, metrics: Optional[UsageMetrics] = None):
         self.app, self.keys, self.log_prompts, self.metrics = app, keys, log_prompts, metrics
+        self.routes = Routes(app)
         self.stats = {"requests": 0, "aborted": 0, "in_flight": 0}
 
     async def __call__(self, scope, receive, send):
@@ -505,6 +524,7 @@ class Gate:
         # Under a Serve route prefix the path still starts with it (ASGI's root_path convention).
         path = scope["path"].removeprefix(scope.get("root_path", ""))
         record = RequestRecord(request_id, scope["method"], path)
+        record.route = self.routes.template(scope["method"], path)
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -516,7 +536,7 @@ class Gate:
                 record.complete = True
             await send(message)
 
-        status = route_status(scope["method"], path)
+        status = self.routes.status(scope["method"], path)
         if status != 200:
             text = "Not Found" if status == 404 else "Method Not Allowed"
             await _answer(send_with_id, status, error_body(

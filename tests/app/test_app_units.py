@@ -130,24 +130,52 @@ class TestArgsContract:
 
 
 
+def _vllm_app_for(tasks):
+    """vLLM's own FastAPI app for a model with these tasks, built without an engine."""
+    from vllm.entrypoints.launchers.app import build_app
+
+    return build_app(vllm_app.vllm_server_args(vllm_app.AppArgs.model_validate(ARGS)), tasks, None)
+
+
 class TestRoutes:
+    @pytest.fixture(scope="class")
+    def routes(self):
+        return vllm_app.Routes(_vllm_app_for(("generate",)))
+
     @pytest.mark.parametrize("method, path", [
         ("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
         ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", "/v1/responses"), ("GET", "/v1/responses/resp_1"),
-        ("POST", "/v1/responses/resp_1/cancel"), ("POST", "/v1/embeddings"), ("POST", "/v1/messages")])
-    def test_the_openai_surface_should_pass(self, method, path):
-        assert vllm_app.route_status(method, path) == 200
+        ("POST", "/v1/responses/resp_1/cancel"), ("POST", "/v1/messages"), ("GET", "/version")])
+    def test_the_openai_surface_should_pass(self, routes, method, path):
+        assert routes.status(method, path) == 200
 
     @pytest.mark.parametrize("method, path", [
         ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/scale_elastic_ep"),
         ("POST", "/invocations"), ("GET", "/ping"), ("GET", "/load"), ("POST", "/reset_prefix_cache"),
         ("POST", "/sleep"), ("POST", "/collective_rpc"), ("POST", "/inference/v1/generate"),
-        ("POST", "/v1/chat/completions/render"), ("GET", "/v1/responses/a/b/c")])
-    def test_development_and_admin_routes_should_not_exist(self, method, path):
-        assert vllm_app.route_status(method, path) == 404
+        ("POST", "/v1/chat/completions/render"), ("GET", "/v1/responses/a/b/c"),
+        ("POST", "/v1/embeddings")])  # a generative model mounts no pooling routes
+    def test_development_admin_and_unmounted_routes_should_not_exist(self, routes, method, path):
+        assert routes.status(method, path) == 404
 
-    def test_a_wrong_method_should_be_405(self):
-        assert vllm_app.route_status("GET", "/v1/chat/completions") == 405
+    def test_a_wrong_method_should_be_405(self, routes):
+        assert routes.status("GET", "/v1/chat/completions") == 405
+
+    def test_an_app_with_pooling_routes_should_get_them_and_no_chat(self):
+        # As vLLM's app is for an embedding model (its pooling routers need the model's config).
+        from fastapi import FastAPI
+
+        app = FastAPI()
+        app.post("/v1/embeddings")(lambda: {})
+        app.get("/health")(lambda: {})
+        routes = vllm_app.Routes(app)
+        assert routes.status("POST", "/v1/embeddings") == 200 and routes.status("GET", "/health") == 200
+        assert routes.status("POST", "/v1/chat/completions") == 404
+
+    def test_metrics_should_name_routes_by_template_so_random_paths_add_no_series(self, routes):
+        assert routes.template("GET", "/v1/responses/resp_123") == "/v1/responses/{response_id}"
+        assert routes.template("POST", "/v1/chat/completions") == "/v1/chat/completions"
+        assert routes.template("GET", "/wp-admin/x.php") == vllm_app.UNMATCHED
 
 
 class TestUsageCounting:

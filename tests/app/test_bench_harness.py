@@ -60,6 +60,9 @@ def test_report_should_give_medians_ranges_ties_a_table_and_a_plot(tmp_path):
     assert stats["app"]["16"]["output_tokens_per_s"] == {"median": 1000.0, "min": 900.0, "max": 1100.0, "n": 2}
     assert "1000.0 [900.0-1100.0]" in run.table(results) and "Ray Serve LLM" in run.table(results)
     assert any("(tie)" in line for line in run.ratio_lines(run.ratios(results)))
+    report = {"summary": run.summary(results), "ratios": run.ratios(results)}
+    assert "| this app | 16 | 1,000 (900-1,100) |" in run.markdown(report)
+    assert "1.00x (0.90-1.10) tie" in run.markdown(report)
     run.plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(run.machine())  # the machine record is plain data
