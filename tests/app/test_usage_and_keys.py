@@ -51,18 +51,24 @@ def chat(server, key, model_name, max_tokens):
 
 
 def test_usage_should_be_counted_per_key_name_and_equal_what_responses_reported(server, model_name):
-    reported = {"team-a": [0, 0, 0], "team-b": [0, 0, 0]}  # requests, prompt tokens, completion tokens
+    def counted(text):  # requests, prompt tokens, completion tokens, per key name
+        return {name: [total_for(text, REQUESTS, key=name, route="/v1/chat/completions", status="200"),
+                       total_for(text, PROMPT_TOKENS, key=name), total_for(text, COMPLETION_TOKENS, key=name)]
+                for name in ("team-a", "team-b")}
+
+    # Other tests' traffic may be counted already: compare what this test adds. Wait for the export
+    # to settle first, so that nothing earlier arrives during the test.
+    before, settled = None, counted(httpx.get(server.metrics_url, timeout=30).text)
+    while before != settled:
+        time.sleep(6)
+        before, settled = settled, counted(httpx.get(server.metrics_url, timeout=30).text)
+    reported = {name: list(values) for name, values in before.items()}
     for name, max_tokens in [("team-a", 3), ("team-a", 5), ("team-b", 7)]:
         response = chat(server, NAMED_KEYS[name], model_name, max_tokens)
         assert response.status_code == 200, response.text
         usage = response.json()["usage"]
         reported[name] = [reported[name][0] + 1, reported[name][1] + usage["prompt_tokens"],
                           reported[name][2] + usage["completion_tokens"]]
-
-    def counted(text):
-        return {name: [total_for(text, REQUESTS, key=name, route="/v1/chat/completions", status="200"),
-                       total_for(text, PROMPT_TOKENS, key=name), total_for(text, COMPLETION_TOKENS, key=name)]
-                for name in reported}
 
     text = wait_for_metrics(server, lambda text: counted(text) == reported)
     assert counted(text) == reported
