@@ -40,6 +40,7 @@ def no_template_model_dir(tiny_model_dir, tmp_path_factory):
 
 
 NO_TEMPLATE_ROUTE = "/no-template"
+EMBED_ROUTE = "/embed"
 
 
 NAMED_KEYS = {"team-a": "key-of-team-a-123", "team-b": "key-of-team-b-456"}
@@ -81,6 +82,12 @@ def server(tiny_model_dir, no_template_model_dir, named_keys_dir):
     bare["args"]["engine"]["maxModelLen"] = 512
     bare["deployments"][0]["ray_actor_options"]["num_cpus"] = 0
     config["applications"].append(bare)
+    # A third: the same weights served as an embedding model, for vLLM's pooling routes.
+    embed = copy.deepcopy(bare)
+    embed.update(name="embed", route_prefix=EMBED_ROUTE)
+    embed["args"]["model"]["id"] = str(tiny_model_dir)
+    embed["args"]["engine"]["extraArgs"] = {"runner": "pooling", "convert": "embed"}
+    config["applications"].append(embed)
     with serve_local.LocalServe(config, api_key=serve_local.api_key_from(merged), values=merged,
                                 dashboard_port=serve_local.free_port(), extra_env={"HF_HUB_OFFLINE": "1"}) as running:
         yield running

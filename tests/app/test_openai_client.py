@@ -204,3 +204,34 @@ class TestConcurrency:
                 return await asyncio.gather(*(one(i) for i in range(16)))
 
         assert asyncio.run(all_of_them()) == [32] * 16
+
+
+class TestEmbeddingModel:
+    """The same app serving an embedding model: vLLM mounts its pooling routes, and only those."""
+
+    def test_embeddings_should_come_back_for_each_input(self, server, model_name):
+        import httpx
+
+        from tests.app.conftest import API_KEY, EMBED_ROUTE
+
+        response = httpx.post(server.url + EMBED_ROUTE + "/v1/embeddings", timeout=60,
+                              headers={"Authorization": f"Bearer {API_KEY}"},
+                              json={"model": model_name, "input": ["The river", "The mountain city"]})
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        assert [item["index"] for item in data] == [0, 1]
+        assert len(data[0]["embedding"]) == 64  # the tiny model's hidden size
+        assert data[0]["embedding"] != data[1]["embedding"]
+
+    def test_an_embedding_model_should_not_chat_and_say_so_in_openai_shape(self, server, model_name):
+        import httpx
+
+        from tests.app.conftest import API_KEY, EMBED_ROUTE
+
+        response = httpx.post(server.url + EMBED_ROUTE + "/v1/chat/completions", timeout=60,
+                              headers={"Authorization": f"Bearer {API_KEY}"},
+                              json={"model": model_name, "messages": HELLO})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+        unauthorized = httpx.post(server.url + EMBED_ROUTE + "/v1/embeddings", timeout=60,
+                                  json={"model": model_name, "input": "x"})
+        assert unauthorized.status_code == 401
