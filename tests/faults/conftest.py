@@ -59,10 +59,12 @@ class Stack:
         [core] = [p for p in psutil.Process(replica_pid).children(recursive=True) if p.name() == "VLLM::EngineCore"]
         return core
 
-    def tree_rss(self, pid: int) -> int:
-        """Resident memory of a replica and its vLLM processes, in bytes."""
+    def rss(self, pid: int) -> tuple[int, int]:
+        """Resident memory in bytes of the replica process (Serve's replica, the gate, vLLM's
+        frontend: where requests and their backlog live) and of its vLLM engine processes (whose
+        KV cache, VLLM_CPU_KVCACHE_SPACE, grows as its pages are first touched, up to its size)."""
         process = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+        return process.memory_info().rss, sum(p.memory_info().rss for p in process.children(recursive=True))
 
     def stats(self) -> dict:
         from ray import serve

@@ -38,7 +38,8 @@ def table(figures: dict) -> str:
         elif key == "soak":
             recovery = f"{row['seconds']:.0f} s; RSS +{row['rss_growth_mib']} MiB after warm-up"
         else:
-            recovery = f"503s within {row['shed_slowest_s']} s; RSS {row['replica_rss_mib_after_each_burst']} MiB"
+            recovery = (f"503s within {row['shed_slowest_s']} s; replica RSS after each burst "
+                        f"{row['replica_rss_mib_after_each_burst']} MiB")
         completed = row["completed"] + row.get("disconnected", 0)
         extra = f" ({row['disconnected']} left early)" if row.get("disconnected") else ""
         lines.append(f"| {name} | {row['sent']} | {completed}{extra} | {row['clean_error']} | {row['shed']} | "

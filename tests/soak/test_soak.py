@@ -19,10 +19,11 @@ SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 CONCURRENCY = 32
 WARM_UP_S = min(60.0, SECONDS / 5)
 SAMPLE_EVERY_S = 5.0
-# The replica (with its engine processes) may grow this much after the warm-up. Allocator arenas
-# and Python's caches settle within the first minute; a leak of even 1 KiB per request would pass
-# this after ~100,000 requests, so the figure that matters is the measured growth in the README.
-RSS_GROWTH_BOUND = 64 * 2**20
+# The replica process (Serve's replica, the gate, vLLM's frontend) may grow this much after the
+# warm-up: allocator arenas and Python's caches settle within the first minute. The engine
+# processes are reported, not bounded here: their KV cache grows as its pages are first touched, up
+# to VLLM_CPU_KVCACHE_SPACE.
+RSS_GROWTH_BOUND = 32 * 2**20
 
 
 def _body(worker: int, sent: int):
@@ -44,7 +45,7 @@ def test_soak_should_leave_no_error_no_request_and_flat_memory(healthy, figures)
     def sample():
         started = time.monotonic()
         while not sampling.wait(SAMPLE_EVERY_S):
-            samples.append((time.monotonic() - started, stack.tree_rss(replica)))
+            samples.append((time.monotonic() - started, *stack.rss(replica)))
 
     async def traffic():
         outcomes, deadline = [], time.monotonic() + SECONDS
@@ -70,14 +71,16 @@ def test_soak_should_leave_no_error_no_request_and_flat_memory(healthy, figures)
     while (stats := stack.stats())["engine_unfinished"] and time.monotonic() < deadline:
         time.sleep(0.5)
 
-    after_warm_up = [rss for at, rss in samples if at >= WARM_UP_S]
-    growth = after_warm_up[-1] - after_warm_up[0]
+    after_warm_up = [(rss, engine) for at, rss, engine in samples if at >= WARM_UP_S]
+    growth = after_warm_up[-1][0] - after_warm_up[0][0]
     figures["soak"] = summary = {
         **load.counts(outcomes), "seconds": SECONDS, "concurrency": CONCURRENCY, "warm_up_s": WARM_UP_S,
         "requests_per_s": round(len(outcomes) / SECONDS, 1),
         "engine_unfinished_at_end": stats["engine_unfinished"], "in_flight_at_end": stats["in_flight"],
-        "rss_mib_after_warm_up": round(after_warm_up[0] / 2**20), "rss_mib_at_end": round(after_warm_up[-1] / 2**20),
-        "rss_growth_mib": round(growth / 2**20, 1), "rss_peak_mib": round(max(r for _, r in samples) / 2**20),
+        "rss_mib_after_warm_up": round(after_warm_up[0][0] / 2**20), "rss_mib_at_end": round(after_warm_up[-1][0] / 2**20),
+        "rss_growth_mib": round(growth / 2**20, 1), "rss_peak_mib": round(max(r for _, r, _ in samples) / 2**20),
+        "engine_rss_mib_after_warm_up": round(after_warm_up[0][1] / 2**20),
+        "engine_rss_mib_at_end": round(after_warm_up[-1][1] / 2**20),
         "examples": load.details(outcomes)}
 
     assert summary["completed"] + summary["disconnected"] == summary["sent"], summary
