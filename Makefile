@@ -2,6 +2,7 @@
 #   make serve   the serving app on a local Ray, CPU, offline (tiny demo model unless MODEL is set)
 #   make test    the whole default suite (chart + app on the real vLLM CPU engine)
 #   make bench   the throughput/latency benchmark
+#   make soak    ten minutes of mixed traffic against the local stack (tests/soak/test_soak.py)
 #   make freeze  re-lock requirements/constraints.txt after changing a pin in requirements/
 # Each target sets up .venv first (only when requirements/ changed), under the lock.
 
@@ -21,7 +22,7 @@ MODEL ?=
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-chart test-app test-cluster bench docs freeze clean
+.PHONY: setup serve test test-chart test-app test-faults test-cluster soak bench docs freeze clean
 
 setup: $(STAMP)
 
@@ -38,14 +39,22 @@ $(STAMP): requirements/serve.txt requirements/test.txt requirements/bench.txt $(
 serve: setup
 	$(PY) -m tools.serve_local -f $(VALUES) --port $(PORT) $(if $(MODEL),--model $(MODEL))
 
+# The soak runs ten minutes on its own (make soak); everything else but the cluster suite runs here.
 test: setup
-	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not cluster and not soak" $(PYTEST_ARGS)
 
 test-chart: setup
 	$(PY) -m pytest tests/chart $(PYTEST_ARGS)
 
 test-app: setup
 	$(PY) -m pytest tests/app $(PYTEST_ARGS)
+
+test-faults: setup
+	$(PY) -m pytest tests/faults $(PYTEST_ARGS)
+
+# SOAK_SECONDS=120 for a short run; the figures land in build/faults/figures.json.
+soak: setup
+	$(PY) -m pytest tests/soak -m soak $(PYTEST_ARGS)
 
 test-cluster: setup
 	$(PY) -m pytest -m cluster tests/cluster $(PYTEST_ARGS)

@@ -178,6 +178,9 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "name" "VLLMServer"
   "max_ongoing_requests" (int .Values.serving.maxOngoingRequests)
   "max_queued_requests" (int .Values.serving.maxQueuedRequests)
+  "health_check_period_s" .Values.serving.healthCheck.periodSeconds
+  "health_check_timeout_s" .Values.serving.healthCheck.timeoutSeconds
+  "graceful_shutdown_timeout_s" .Values.serving.gracefulShutdownTimeoutSeconds
   "ray_actor_options" (dict
     "num_cpus" .Values.serving.replicaCpus
     "num_gpus" (int (include "vllm-rayservice.gpusPerReplica" .))) }}

@@ -226,6 +226,17 @@ class TestServeConfig:
         assert deployment["max_ongoing_requests"] == 32
         assert deployment["max_queued_requests"] == 10
 
+    def test_should_check_replica_health_often_and_let_stopping_replicas_finish(self, render):
+        # Serve's defaults (10 s period, 20 s grace) leave a dead engine unnoticed for ~30 s and cut
+        # long generations on a rollout; the chart's are shorter and longer (README, "Reliability").
+        deployment = _deployment(render({}))
+        assert (deployment["health_check_period_s"], deployment["health_check_timeout_s"],
+                deployment["graceful_shutdown_timeout_s"]) == (3, 15, 60)
+        deployment = _deployment(render({"serving": {"healthCheck": {"periodSeconds": 1.5, "timeoutSeconds": 5},
+                                                     "gracefulShutdownTimeoutSeconds": 300}}))
+        assert (deployment["health_check_period_s"], deployment["health_check_timeout_s"],
+                deployment["graceful_shutdown_timeout_s"]) == (1.5, 5, 300)
+
     def test_should_keep_a_multiline_chat_template_intact(self, render):
         template = "{% for m in messages %}\n<|{{ m['role'] }}|>: {{ m['content'] }}\n{% endfor %}\"quoted\""
         args = render({"model": {"chatTemplate": template}}).serve_config()["applications"][0]["args"]
