@@ -53,10 +53,19 @@ def test_constraints_should_pin_every_package_to_one_version():
     assert bad == [] and len(lines) == len(_constraints()) > 100
 
 
+def _installed_version(name: str) -> str:
+    # The version Python resolves first, as an import would. (Iterating all distributions also
+    # finds the copies setuptools vendors, e.g. an older packaging, once setuptools has put its
+    # _vendor folder on sys.path, which importing torch or vLLM does.)
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def test_constraints_should_be_the_environment_the_tests_run_in():
-    installed = {_normalized(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()}
-    differing = {name: (pinned, installed.get(name, "not installed"))
-                 for name, pinned in _constraints().items() if installed.get(name) != pinned}
+    differing = {name: (pinned, _installed_version(name))
+                 for name, pinned in _constraints().items() if _installed_version(name) != pinned}
     assert differing == {}, "requirements/constraints.txt is not the tested environment: `make setup` or `make freeze`"
 
 
