@@ -41,7 +41,9 @@ serve: setup
 
 # The soak runs ten minutes on its own (make soak); everything else but the cluster suite runs here.
 test: setup
-	$(PY) -m pytest -m "not cluster and not soak" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not cluster and not soak and not faults" $(PYTEST_ARGS)
+	# The fault suite starts (and kills) a local Ray of its own: a pytest process of its own.
+	$(PY) -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 test-chart: setup
 	$(PY) -m pytest tests/chart $(PYTEST_ARGS)
