@@ -43,6 +43,9 @@ serve: setup
 test: setup
 	$(PY) -m pytest -m "not cluster and not soak and not faults" $(PYTEST_ARGS)
 	# The fault suite starts (and kills) a local Ray of its own: a pytest process of its own.
+	$(MAKE) test-faults
+
+test-faults: setup
 	$(PY) -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 test-chart: setup
