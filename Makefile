@@ -54,9 +54,6 @@ test-chart: setup
 test-app: setup
 	$(PY) -m pytest tests/app $(PYTEST_ARGS)
 
-test-faults: setup
-	$(PY) -m pytest tests/faults $(PYTEST_ARGS)
-
 # SOAK_SECONDS=120 for a short run; the figures land in build/faults/figures.json.
 soak: setup
 	$(PY) -m pytest tests/soak -m soak $(PYTEST_ARGS)
