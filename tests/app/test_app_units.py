@@ -2,7 +2,6 @@
 server, the gate in front of vLLM's app, usage counting. The behaviour users see is tested against
 the real engine in the other modules."""
 
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
