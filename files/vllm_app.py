@@ -18,11 +18,14 @@ and the unit tests of the contract do not need it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import functools
 import hashlib
 import hmac
 import json
 import logging
+import logging.handlers
 import os
 import re
 import time
@@ -175,9 +178,35 @@ def vllm_server_settings(args: AppArgs) -> dict:
 VLLM_VERSION_TESTED = "0.29.0"
 
 
+@contextlib.contextmanager
+def _log_buffers_kept():
+    """Give back their targets to the logging MemoryHandlers that an import closed.
+
+    vLLM configures its logging with logging.config.dictConfig when it is first imported, and
+    dictConfig closes every handler in the process, not only its own. A closed MemoryHandler drops
+    its target but goes on buffering: Serve's handler in front of the replica's log file then holds
+    every record in memory and writes none (measured: the replica grew ~5 KiB per request, two log
+    records each, and its Serve log file stopped after one line). A closed file handler reopens on
+    its next record, so restoring the target is enough.
+    """
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    targets = [(handler, handler.target) for logger in loggers for handler in logger.handlers
+               if isinstance(handler, logging.handlers.MemoryHandler) and handler.target is not None]
+    try:
+        yield
+    finally:
+        for handler, target in targets:
+            if handler.target is None:
+                handler.setTarget(target)
+
+
+@functools.cache
 def _vllm_internals():
     """vLLM's server-building pieces, or an error that names the installed and the tested vLLM."""
-    import vllm
+    with _log_buffers_kept():
+        import vllm
+        import vllm.logger  # noqa: F401  (configures vLLM's logging, see _log_buffers_kept)
 
     try:
         from vllm.engine.arg_utils import AsyncEngineArgs

@@ -2,13 +2,16 @@
 server, the gate in front of vLLM's app, usage counting. The behaviour users see is tested against
 the real engine in the other modules."""
 
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "files"))
+FILES = Path(__file__).resolve().parents[2] / "files"
+sys.path.insert(0, str(FILES))
 import vllm_app  # noqa: E402
 
 ARGS = {"model": {"id": "org/model"}}
@@ -93,8 +96,40 @@ class TestArgsContract:
 
         monkeypatch.setitem(sys.modules, "vllm.entrypoints.launchers.app", None)  # as if it moved
         monkeypatch.setattr(vllm, "__version__", "9.9.9")
+        vllm_app._vllm_internals.cache_clear()
         with pytest.raises(RuntimeError, match=r"vLLM 0\.29\.0.*vLLM 9\.9\.9 differs"):
             vllm_app.vllm_server_args(vllm_app.AppArgs.model_validate(ARGS))
+
+    @pytest.mark.parametrize("kept", [True, False])
+    def test_importing_vllm_should_leave_serves_log_buffer_writing(self, tmp_path, kept):
+        """Serve's replica logs through a MemoryHandler; vLLM's first import runs dictConfig, which
+        closes it. The app's import gives the handler its file back; a bare import (the control)
+        leaves it buffering every record in memory. A fresh interpreter: this one imported vLLM."""
+        log = tmp_path / "replica.log"
+        script = textwrap.dedent(f"""
+            import logging, logging.handlers, sys
+            sys.path.insert(0, {str(FILES)!r})
+            import vllm_app  # imports Serve, which sets up its logger
+            buffer = logging.handlers.MemoryHandler(1, target=logging.FileHandler({str(log)!r}))
+            serve_logger = logging.getLogger("ray.serve")
+            serve_logger.handlers = [buffer]
+            serve_logger.propagate = False
+            if {kept}:
+                vllm_app._vllm_internals()
+            else:
+                import vllm.logger
+            for n in range(3):
+                serve_logger.warning("request %d", n)
+            print(len(buffer.buffer))
+        """)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        held = int(done.stdout.split()[-1])
+        written = log.read_text() if log.exists() else ""
+        if kept:
+            assert held == 0 and written.splitlines() == ["request 0", "request 1", "request 2"]
+        else:
+            assert held == 3 and written == ""
 
     def test_api_key_env_that_is_empty_should_refuse_to_start(self, monkeypatch):
         monkeypatch.delenv("SOME_KEY_ENV", raising=False)

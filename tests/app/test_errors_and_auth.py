@@ -157,17 +157,19 @@ def test_each_request_should_log_one_line_without_prompt_or_key(server, http, mo
         "ignore_eos": True})
     assert response.status_code == 200
     usage = response.json()["usage"]
-    # Ray writes the replica's log lines to the worker's stderr file at once (and to Serve's replica
-    # file when its buffer flushes): search every log of the session.
+    # Ray writes the replica's log lines to the worker's stderr file and to Serve's replica log
+    # file (logs/serve/replica_<app>_<deployment>_<id>.log, what Ray's dashboard shows).
     logs = os.path.join(server._temp_dir, "session_latest", "logs")
     files = lambda: [path for path in glob.glob(os.path.join(logs, "**", "*"), recursive=True)  # noqa: E731
                      if os.path.isfile(path)]
-    deadline, lines = time.monotonic() + 30, []
-    while not lines and time.monotonic() < deadline:
+    deadline, found = time.monotonic() + 30, {}
+    while len(found) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
-        lines = {line.split(" -- ", 1)[-1] for path in files() for line in open(path, errors="replace")
+        found = {path: line.split(" -- ", 1)[-1] for path in files() for line in open(path, errors="replace")
                  if f"request_id={request_id} method=" in line}
-    assert len(lines) == 1, lines  # one line per request (the same line may be in two files)
+    assert any(os.path.basename(path).startswith("replica_llm_VLLMServer_") for path in found), found
+    lines = set(found.values())
+    assert len(lines) == 1, lines  # one line per request (the same line is in both files)
     [line] = lines
     assert "method=POST route=/v1/chat/completions key=default status=200" in line
     # The tokens counted at the engine are the usage vLLM reported to the client.
