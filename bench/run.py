@@ -29,11 +29,13 @@ from bench import loadgen, servers
 from tools import serve_local, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
-SERVER_NAMES = ("app", "app-proxy", "app-tput", "vllm", "rayllm", "original")
+SERVER_NAMES = ("app", "app-proxy", "app-tput", "vllm", "rayllm", "original", "app-b")
 LABELS = {"app": "this app", "app-proxy": "app, py proxy", "app-tput": "app, tput-opt", "vllm": "vLLM server",
-          "rayllm": "Ray Serve LLM", "original": "original design"}
+          "rayllm": "Ray Serve LLM", "original": "original design", "app-b": "app, variant B"}
 # What this app is compared with, in the ratios.
-BASELINES = ("vllm", "rayllm", "original", "app-proxy", "app-tput")
+BASELINES = ("vllm", "rayllm", "original", "app-proxy", "app-tput", "app-b")
+# What `make bench` runs unless --servers says otherwise (app-b needs --app-b).
+DEFAULT_SERVERS = SERVER_NAMES[:-1]
 
 # A fixed prompt set of mixed lengths (about 10 to 200 tokens on the tiny model's tokenizer).
 _SENTENCE = "The small model answers the question about the river and the mountain city at night. "
@@ -201,11 +203,12 @@ def markdown(report: dict) -> str:
                          f"{cell(level['ttft_p50_ms'])} | {'-' if itl is None else f'{itl:.1f}'} | "
                          f"{cell(level['serving_cpu_s_per_1k_tokens'], 2)} | "
                          f"{int(level['errors']['max']) if level['errors'] else 0} |")
-    lines += ["", "| concurrency | " + " | ".join(f"this app / {LABELS[other]}" for other in BASELINES) + " |",
-              "| --: |" + " --: |" * len(BASELINES)]
+    ran = [other for other in BASELINES if other in report["summary"]]
+    lines += ["", "| concurrency | " + " | ".join(f"this app / {LABELS[other]}" for other in ran) + " |",
+              "| --: |" + " --: |" * len(ran)]
     for concurrency, entry in report["ratios"].items():
         cells = []
-        for other in BASELINES:
+        for other in ran:
             ratio = entry.get(f"throughput_vs_{other}")
             ttft = entry.get(f"ttft_p50_vs_{other}")
             if not ratio:
@@ -219,11 +222,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def start(name: str, config: dict, extra_env: dict):
+def start(name: str, config: dict, extra_env: dict, app_b: Optional[Path] = None):
     """A context manager that starts one server and yields its URL."""
     dashboard = serve_local.free_port()
     if name == "app":
         return servers.this_app(config, {}, dashboard, extra_env)  # the chart's default ingress
+    if name == "app-b":
+        return servers.this_app(config, {}, dashboard, extra_env, app_file=app_b)
     if name == "app-proxy":
         return servers.this_app(config, servers.PYTHON_PROXY, dashboard, extra_env)
     if name == "app-tput":  # the A/B for Serve's throughput-optimized mode, on top of HAProxy
@@ -239,7 +244,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model id or path (default: the tiny model built locally)")
     parser.add_argument("-f", "--values", action="append", help="values files (default: the chart's CPU profile)")
-    parser.add_argument("--servers", default=",".join(SERVER_NAMES), help=f"which of {','.join(SERVER_NAMES)}")
+    parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS), help=f"which of {','.join(SERVER_NAMES)}")
+    parser.add_argument("--app-b", type=Path, metavar="FILE",
+                        help="an edited copy of files/vllm_app.py, served as app-b: e.g. --servers app,app-b")
     parser.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--rounds", type=int, default=2, help="rounds; servers alternate within each")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -254,6 +261,13 @@ def main(argv=None) -> int:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
 
+    names = [name for name in args.servers.split(",") if name]
+    unknown = sorted(set(names) - set(SERVER_NAMES))
+    if unknown:
+        parser.error(f"unknown servers {unknown}; choose from {','.join(SERVER_NAMES)}")
+    if ("app-b" in names) != (args.app_b is not None):
+        parser.error("app-b and --app-b FILE go together")
+
     extra_env = dict(item.split("=", 1) for item in args.env)
     model = args.model
     if not model:
@@ -262,10 +276,6 @@ def main(argv=None) -> int:
     config, _ = serve_local.local_serve_config(args.values or [serve_local.DEFAULT_VALUES], model=model,
                                                port=serve_local.free_port())
     served = config["applications"][0]["args"]["model"]["servedName"]
-    names = [name for name in args.servers.split(",") if name]
-    unknown = sorted(set(names) - set(SERVER_NAMES))
-    if unknown:
-        parser.error(f"unknown servers {unknown}; choose from {','.join(SERVER_NAMES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -275,14 +285,15 @@ def main(argv=None) -> int:
         # Alternate the order too, so no server always runs on a machine warmed by the same neighbour.
         for name in (names if round_index % 2 == 0 else list(reversed(names))):
             print(f"\n-- round {round_index + 1}/{args.rounds}", flush=True)
-            with start(name, config, extra_env) as url:
+            with start(name, config, extra_env, args.app_b) as url:
                 results[name].append(run_server(name, url, served, args))
 
     report = {
         "machine": machine(),
         "settings": {"model": model, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                      "rounds": args.rounds, "min_seconds": args.min_seconds, "prompts": len(PROMPTS),
-                     "env": extra_env, "vllm_args": servers.server_settings(config)},
+                     "env": extra_env, "vllm_args": servers.server_settings(config),
+                     "app_b": str(args.app_b) if args.app_b else None},
         "results": results,
         "summary": summary(results),
         "ratios": ratios(results),

@@ -6,6 +6,7 @@ mapping (vllm_app.vllm_server_settings), so only the serving path differs:
               the chart's default ingress (Ray Serve's HAProxy)
   app-proxy   the same app behind Ray Serve's Python proxy (serving.ingress=proxy)
   app-tput    the app with HAProxy and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (the A/B for that switch)
+  app-b       the app served from an edited copy of vllm_app.py (--app-b FILE): the A/B of a change
   original    the guide's design (bench/baseline_app.py) on the same local Ray and Serve options
   vllm        vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`), no Ray
   rayllm      Ray Serve LLM's default OpenAI app (`ray.serve.llm:build_openai_app`) on the same Ray
@@ -15,14 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 from tools import serve_local
 
@@ -55,11 +59,29 @@ def serving_path_cpu() -> float:
 
 
 @contextlib.contextmanager
-def this_app(serve_config: dict, values: dict, dashboard_port: int, extra_env: dict):
-    """The app, with the Ray Serve ingress the values ask for (the chart's default: HAProxy)."""
-    with serve_local.LocalServe(serve_config, dashboard_port=dashboard_port, extra_env=extra_env,
-                                values=values) as server:
+def this_app(serve_config: dict, values: dict, dashboard_port: int, extra_env: dict,
+             app_file: Optional[Path] = None):
+    """The app, with the Ray Serve ingress the values ask for (the chart's default: HAProxy).
+    `app_file`: an edited copy of files/vllm_app.py to serve instead (the A/B of an app change)."""
+    with contextlib.ExitStack() as stack:
+        if app_file is not None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="app-b-")))
+            serve_config, extra_env = app_variant(serve_config, extra_env, app_file, folder)
+        server = stack.enter_context(serve_local.LocalServe(
+            serve_config, dashboard_port=dashboard_port, extra_env=extra_env, values=values))
         yield server.url
+
+
+def app_variant(serve_config: dict, extra_env: dict, app_file: Path, folder: Path) -> tuple[dict, dict]:
+    """The config and environment that serve `app_file` in place of files/vllm_app.py, from a copy
+    of files/ in `folder`, with the code hash the replica waits for (as `helm upgrade` renders it)."""
+    files = folder / "files"
+    shutil.copytree(REPO / "files", files)
+    shutil.copyfile(app_file, files / "vllm_app.py")
+    serve_config = copy.deepcopy(serve_config)
+    serve_config["applications"][0]["runtime_env"]["env_vars"]["VLLM_APP_SHA256"] = \
+        hashlib.sha256((files / "vllm_app.py").read_bytes()).hexdigest()
+    return serve_config, {**extra_env, "PYTHONPATH": str(files)}
 
 
 @contextlib.contextmanager

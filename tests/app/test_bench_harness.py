@@ -99,3 +99,30 @@ def test_all_servers_should_get_the_same_engine_arguments(server):
             assert "--" + name.replace("_", "-") in command
     assert command[command.index("--model") + 1] == kwargs["model"]
     assert "--enforce-eager" in command and command[command.index("--host") + 1] == "127.0.0.1"
+
+
+def test_app_b_should_serve_the_edited_file_with_the_hash_the_replica_waits_for(tmp_path):
+    import hashlib
+
+    from tools import serve_local
+
+    rendered, _ = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model="org/model")
+
+    edited = tmp_path / "edited.py"
+    edited.write_text((servers.REPO / "files" / "vllm_app.py").read_text() + "\n# variant B\n")
+    config, env = servers.app_variant(rendered, {"HF_HUB_OFFLINE": "1"}, edited, tmp_path)
+    files = tmp_path / "files"
+    assert env == {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(files)}
+    assert (files / "vllm_app.py").read_text().endswith("# variant B\n")
+    assert sorted(p.name for p in files.iterdir()) == sorted(p.name for p in (servers.REPO / "files").iterdir())
+    env_vars = config["applications"][0]["runtime_env"]["env_vars"]
+    assert env_vars["VLLM_APP_SHA256"] == hashlib.sha256(edited.read_bytes()).hexdigest()
+    # The A side keeps the repository's code and hash.
+    assert rendered["applications"][0]["runtime_env"]["env_vars"]["VLLM_APP_SHA256"] != env_vars["VLLM_APP_SHA256"]
+
+
+def test_app_b_and_its_file_should_be_asked_for_together(capsys):
+    for argv in (["--servers", "app,app-b"], ["--servers", "app", "--app-b", "x.py"]):
+        with pytest.raises(SystemExit):
+            run.main(argv)
+        assert "app-b and --app-b FILE go together" in capsys.readouterr().err
