@@ -34,7 +34,7 @@ LABELS = {"app": "this app", "app-proxy": "app, py proxy", "app-tput": "app, tpu
           "rayllm": "Ray Serve LLM", "original": "original design", "app-b": "app, variant B"}
 # What this app is compared with, in the ratios.
 BASELINES = ("vllm", "rayllm", "original", "app-proxy", "app-tput", "app-b")
-# What `make bench` runs unless --servers says otherwise (app-b needs --app-b).
+# What `make bench` runs unless --servers says otherwise (app-b needs --app-b or --b-set).
 DEFAULT_SERVERS = SERVER_NAMES[:-1]
 
 # A fixed prompt set of mixed lengths (about 10 to 200 tokens on the tiny model's tokenizer).
@@ -222,13 +222,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def start(name: str, config: dict, extra_env: dict, app_b: Optional[Path] = None):
-    """A context manager that starts one server and yields its URL."""
+def start(name: str, config: dict, extra_env: dict, config_b: Optional[dict] = None,
+          app_b: Optional[Path] = None):
+    """A context manager that starts one server and yields its URL. app-b runs `config_b` (the
+    config with --b-set's values) and `app_b` (an edited vllm_app.py), either or both."""
     dashboard = serve_local.free_port()
     if name == "app":
         return servers.this_app(config, {}, dashboard, extra_env)  # the chart's default ingress
     if name == "app-b":
-        return servers.this_app(config, {}, dashboard, extra_env, app_file=app_b)
+        return servers.this_app(config_b or config, {}, dashboard, extra_env, app_file=app_b)
     if name == "app-proxy":
         return servers.this_app(config, servers.PYTHON_PROXY, dashboard, extra_env)
     if name == "app-tput":  # the A/B for Serve's throughput-optimized mode, on top of HAProxy
@@ -247,6 +249,9 @@ def main(argv=None) -> int:
     parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS), help=f"which of {','.join(SERVER_NAMES)}")
     parser.add_argument("--app-b", type=Path, metavar="FILE",
                         help="an edited copy of files/vllm_app.py, served as app-b: e.g. --servers app,app-b")
+    parser.add_argument("--b-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a chart value for app-b only, as helm --set takes it (e.g. "
+                             "engine.extraArgs.stream_interval=4): the A/B of a value")
     parser.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--rounds", type=int, default=2, help="rounds; servers alternate within each")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -265,8 +270,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(names) - set(SERVER_NAMES))
     if unknown:
         parser.error(f"unknown servers {unknown}; choose from {','.join(SERVER_NAMES)}")
-    if ("app-b" in names) != (args.app_b is not None):
-        parser.error("app-b and --app-b FILE go together")
+    if ("app-b" in names) != (args.app_b is not None or bool(args.b_set)):
+        parser.error("app-b goes with --app-b FILE or --b-set KEY=VALUE, and they with it")
 
     extra_env = dict(item.split("=", 1) for item in args.env)
     model = args.model
@@ -275,6 +280,10 @@ def main(argv=None) -> int:
         extra_env["HF_HUB_OFFLINE"] = "1"
     config, _ = serve_local.local_serve_config(args.values or [serve_local.DEFAULT_VALUES], model=model,
                                                port=serve_local.free_port())
+    config_b = None
+    if args.b_set:
+        config_b, _ = serve_local.local_serve_config(args.values or [serve_local.DEFAULT_VALUES], args.b_set,
+                                                     model=model, port=config["http_options"]["port"])
     served = config["applications"][0]["args"]["model"]["servedName"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,7 +294,7 @@ def main(argv=None) -> int:
         # Alternate the order too, so no server always runs on a machine warmed by the same neighbour.
         for name in (names if round_index % 2 == 0 else list(reversed(names))):
             print(f"\n-- round {round_index + 1}/{args.rounds}", flush=True)
-            with start(name, config, extra_env, args.app_b) as url:
+            with start(name, config, extra_env, config_b, args.app_b) as url:
                 results[name].append(run_server(name, url, served, args))
 
     report = {
@@ -293,7 +302,7 @@ def main(argv=None) -> int:
         "settings": {"model": model, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                      "rounds": args.rounds, "min_seconds": args.min_seconds, "prompts": len(PROMPTS),
                      "env": extra_env, "vllm_args": servers.server_settings(config),
-                     "app_b": str(args.app_b) if args.app_b else None},
+                     "app_b": str(args.app_b) if args.app_b else None, "b_set": args.b_set},
         "results": results,
         "summary": summary(results),
         "ratios": ratios(results),

@@ -6,7 +6,8 @@ mapping (vllm_app.vllm_server_settings), so only the serving path differs:
               the chart's default ingress (Ray Serve's HAProxy)
   app-proxy   the same app behind Ray Serve's Python proxy (serving.ingress=proxy)
   app-tput    the app with HAProxy and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (the A/B for that switch)
-  app-b       the app served from an edited copy of vllm_app.py (--app-b FILE): the A/B of a change
+  app-b       the app with one change, for an A/B: an edited vllm_app.py (--app-b FILE), chart
+              values (--b-set KEY=VALUE), or both
   original    the guide's design (bench/baseline_app.py) on the same local Ray and Serve options
   vllm        vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`), no Ray
   rayllm      Ray Serve LLM's default OpenAI app (`ray.serve.llm:build_openai_app`) on the same Ray

@@ -121,8 +121,9 @@ def test_app_b_should_serve_the_edited_file_with_the_hash_the_replica_waits_for(
     assert rendered["applications"][0]["runtime_env"]["env_vars"]["VLLM_APP_SHA256"] != env_vars["VLLM_APP_SHA256"]
 
 
-def test_app_b_and_its_file_should_be_asked_for_together(capsys):
-    for argv in (["--servers", "app,app-b"], ["--servers", "app", "--app-b", "x.py"]):
+def test_app_b_and_its_change_should_be_asked_for_together(capsys):
+    for argv in (["--servers", "app,app-b"], ["--servers", "app", "--app-b", "x.py"],
+                 ["--servers", "app", "--b-set", "engine.maxNumSeqs=8"]):
         with pytest.raises(SystemExit):
             run.main(argv)
-        assert "app-b and --app-b FILE go together" in capsys.readouterr().err
+        assert "app-b goes with --app-b FILE or --b-set KEY=VALUE" in capsys.readouterr().err
