@@ -35,6 +35,16 @@ keys and says what to change. Rendered (to nothing) at the top of rayservice.yam
 {{- $key := ternary "serving.autoscaling.maxReplicas" "serving.replicas" .Values.serving.autoscaling.enabled }}
 {{- fail (printf "%s = %d model replicas need %d worker pods (%s per pod), but workers.maxReplicas is %d. Raise workers.maxReplicas to at least %d or lower %s." $key $maxModelReplicas $workersNeeded (include "vllm-rayservice.replicasPerWorker" .) (int .Values.workers.maxReplicas) $workersNeeded $key) }}
 {{- end }}
+{{- /* Under HAProxy a request goes straight to a replica, and Ray Serve 2.60 counts it against
+max_queued_requests from its arrival until it takes a slot, a step that waits for the replica's
+event loop. So requests that arrive together are all "queued" for an instant: a queue shorter than
+the burst sheds requests the replica has room for (measured: 32 at once with 32 slots and a queue
+of 16 shed up to 9 of them). A queue of at least maxOngoingRequests keeps every request that finds a
+free slot. */}}
+{{- $queue := int .Values.serving.maxQueuedRequests }}
+{{- if and (eq .Values.serving.ingress "haproxy") (ne $queue -1) (lt $queue (int .Values.serving.maxOngoingRequests)) }}
+{{- fail (printf "serving.maxQueuedRequests is %d, below serving.maxOngoingRequests (%d): under serving.ingress haproxy, Ray Serve counts requests that arrive together as queued until each takes a slot, so this queue would refuse bursts the replica has room for. Set serving.maxQueuedRequests to -1 or at least %d, or use serving.ingress: proxy." $queue (int .Values.serving.maxOngoingRequests) (int .Values.serving.maxOngoingRequests)) }}
+{{- end }}
 {{- if and .Values.openai.enableAutoToolChoice (not .Values.openai.toolCallParser) }}
 {{- fail "openai.enableAutoToolChoice is true but openai.toolCallParser is empty: vLLM needs the parser that reads the model's tool calls. Set openai.toolCallParser (e.g. hermes) or turn auto tool choice off." }}
 {{- end }}

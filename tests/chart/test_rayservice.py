@@ -222,9 +222,9 @@ class TestServeConfig:
         assert _deployment(rendered)["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 4}
 
     def test_should_pass_queue_limits_to_serve(self, render):
-        deployment = _deployment(render({"serving": {"maxOngoingRequests": 32, "maxQueuedRequests": 10}}))
+        deployment = _deployment(render({"serving": {"maxOngoingRequests": 32, "maxQueuedRequests": 40}}))
         assert deployment["max_ongoing_requests"] == 32
-        assert deployment["max_queued_requests"] == 10
+        assert deployment["max_queued_requests"] == 40
 
     def test_should_check_replica_health_often_and_let_stopping_replicas_finish(self, render):
         # Serve's defaults (10 s period, 20 s grace) leave a dead engine unnoticed for ~30 s and cut

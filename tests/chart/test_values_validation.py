@@ -89,6 +89,10 @@ BAD_VALUES = [
                  id="num-gpus-override"),
     pytest.param({"monitoring": {"prometheusRule": {"enabled": True}}}, "Set monitoring.podMonitor.enabled=true",
                  id="alerts-without-pod-monitor"),
+    pytest.param({"serving": {"maxOngoingRequests": 32, "maxQueuedRequests": 16}},
+                 "Set serving.maxQueuedRequests to -1 or at least 32", id="queue-shorter-than-a-burst-under-haproxy"),
+    pytest.param({"serving": {"maxQueuedRequests": 0, "ingress": "proxy"}}, "/serving/maxQueuedRequests",
+                 id="zero-queue-that-serve-refuses"),
 ]
 
 
@@ -107,3 +111,13 @@ def test_set_syntax_should_be_validated_too():
 def test_values_from_set_should_scale_like_values_files():
     rendered = chart.render(set_values=["serving.replicas=3"])
     assert rendered.serve_config()["applications"][0]["deployments"][0]["num_replicas"] == 3
+
+
+@pytest.mark.parametrize("serving", [
+    {"maxOngoingRequests": 32, "maxQueuedRequests": 32},
+    {"maxOngoingRequests": 32, "maxQueuedRequests": -1},
+    {"maxOngoingRequests": 32, "maxQueuedRequests": 1, "ingress": "proxy"},  # the proxy queues at its router
+])
+def test_a_queue_that_holds_a_burst_or_the_python_proxy_should_render(serving):
+    [app] = chart.render({"serving": serving}).serve_config()["applications"]
+    assert app["deployments"][0]["max_queued_requests"] == serving["maxQueuedRequests"]

@@ -31,7 +31,7 @@ API_KEY = "fault-key-0123456789"
 SERVED_NAME = "tiny-llama"
 MAX_MODEL_LEN = 512
 MAX_ONGOING = 32  # room for the 24 requests in flight when a process is killed
-MAX_QUEUED = 16
+MAX_QUEUED = 32  # at least MAX_ONGOING: under HAProxy a shorter queue sheds bursts (templates/_validate.tpl)
 
 
 class Stack:
