@@ -78,6 +78,7 @@ class EngineArgs(_Args):
     tensor_parallel_size: int = Field(default=1, ge=1)
     pipeline_parallel_size: int = Field(default=1, ge=1)
     enforce_eager: bool = False
+    stream_interval: int = Field(default=1, ge=1)
     # vLLM engine arguments by their Python names (AsyncEngineArgs fields), checked in build_app.
     extra_args: dict[str, Any] = Field(default_factory=dict)
 
@@ -141,6 +142,7 @@ def vllm_engine_settings(args: AppArgs) -> dict:
         "tensor_parallel_size": engine.tensor_parallel_size,
         "pipeline_parallel_size": engine.pipeline_parallel_size,
         "enforce_eager": engine.enforce_eager,
+        "stream_interval": engine.stream_interval,
         "reasoning_parser": args.openai.reasoning_parser or "",
     }
     if engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:

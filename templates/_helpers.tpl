@@ -163,6 +163,7 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "tensorParallelSize" (int .Values.engine.tensorParallelSize)
   "pipelineParallelSize" (int .Values.engine.pipelineParallelSize)
   "enforceEager" .Values.engine.enforceEager
+  "streamInterval" (int .Values.engine.streamInterval)
   "extraArgs" .Values.engine.extraArgs }}
 {{- $openai := dict
   "toolCallParser" .Values.openai.toolCallParser

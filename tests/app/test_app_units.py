@@ -46,14 +46,15 @@ class TestArgsContract:
         args = vllm_app.AppArgs.model_validate({
             "model": {"id": "org/model", "servedName": "chat", "revision": "v1", "trustRemoteCode": True},
             "engine": {"dtype": "float16", "maxModelLen": 4096, "gpuMemoryUtilization": 0.8, "tensorParallelSize": 2,
-                       "enforceEager": True, "extraArgs": {"max_num_seqs": 8}},
+                       "enforceEager": True, "streamInterval": 4, "extraArgs": {"max_num_seqs": 8}},
             "openai": {"toolCallParser": "hermes", "enableAutoToolChoice": True, "reasoningParser": "qwen3",
                        "chatTemplateContentFormat": "openai", "extraArgs": {"enable_prompt_tokens_details": True}}})
         settings = vllm_app.vllm_server_settings(args)
         assert settings == {
             "model": "org/model", "served_model_name": ["chat"], "revision": "v1", "trust_remote_code": True,
             "dtype": "float16", "max_model_len": 4096, "gpu_memory_utilization": 0.8, "tensor_parallel_size": 2,
-            "pipeline_parallel_size": 1, "enforce_eager": True, "distributed_executor_backend": "mp",
+            "pipeline_parallel_size": 1, "enforce_eager": True, "stream_interval": 4,
+            "distributed_executor_backend": "mp",
             "max_num_seqs": 8, "reasoning_parser": "qwen3", "chat_template": None, "tool_call_parser": "hermes",
             "enable_auto_tool_choice": True, "chat_template_content_format": "openai",
             "enable_prompt_tokens_details": True, "disable_log_stats": False, "enable_log_requests": False,

@@ -187,7 +187,7 @@ class TestServeConfig:
             "model": {"id": "org/model", "servedName": "chat", "revision": "v2", "trustRemoteCode": True,
                       "chatTemplate": "{{ messages }}"},
             "engine": {"dtype": "bfloat16", "maxModelLen": 4096, "gpuMemoryUtilization": 0.9,
-                       "enforceEager": True, "extraArgs": {"max_num_seqs": 32}},
+                       "enforceEager": True, "streamInterval": 4, "extraArgs": {"max_num_seqs": 32}},
             "openai": {"toolCallParser": "hermes", "enableAutoToolChoice": True, "reasoningParser": "qwen3",
                        "chatTemplateContentFormat": "openai", "extraArgs": {"enable_prompt_tokens_details": True}},
             "serving": {"logPrompts": True},
@@ -196,7 +196,7 @@ class TestServeConfig:
         assert args["model"] == {"id": "org/model", "servedName": "chat", "revision": "v2",
                                  "trustRemoteCode": True, "chatTemplate": "{{ messages }}"}
         assert args["engine"]["dtype"] == "bfloat16" and args["engine"]["maxModelLen"] == 4096
-        assert args["engine"]["enforceEager"] is True
+        assert args["engine"]["enforceEager"] is True and args["engine"]["streamInterval"] == 4
         assert args["engine"]["extraArgs"] == {"max_num_seqs": 32}
         assert args["openai"] == {"toolCallParser": "hermes", "enableAutoToolChoice": True,
                                   "reasoningParser": "qwen3", "chatTemplateContentFormat": "openai",
