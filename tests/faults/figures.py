@@ -14,7 +14,7 @@ ROWS = [
     ("replica_killed", "2. Serve replica SIGKILLed under 16 streams + 8 requests"),
     ("rollout_2_replicas", "3. New code rolled out under load, 2 replicas"),
     ("rollout_1_replica", "3. New code rolled out under load, 1 replica"),
-    ("overload", "4. 3 bursts of 4x (ongoing + queued) at once"),
+    ("overload", "4. 3 bursts of 4x the queue (2x ongoing + queued) at once"),
     ("hostile_fuzz", "5. Fuzzed bodies, methods and paths (hypothesis)"),
     ("soak", "6. Soak at concurrency 32"),
 ]
