@@ -127,3 +127,21 @@ def test_app_b_and_its_change_should_be_asked_for_together(capsys):
         with pytest.raises(SystemExit):
             run.main(argv)
         assert "app-b goes with --app-b FILE or --b-set KEY=VALUE" in capsys.readouterr().err
+
+
+def test_the_replica_profile_should_sum_samples_by_part_of_the_serving_path():
+    from bench import profile
+
+    collapsed = "\n".join([
+        "thread (1): Thread-1;_run (replica.py:1);Gate.__call__ (vllm_app.py:580);Router.__call__ (starlette/routing.py:683) 5",
+        "thread (1): Thread-1;_run (ray/serve/_private/replica.py:3746);Gate._finish (vllm_app.py:620) 2",
+        "thread (1): Thread-1;output_handler (vllm/v1/engine/async_llm.py:812);Metric._record (ray/util/metrics.py:133) 3",
+        "thread (2): AsyncIO Thread: default;Thread.run (threading.py:982) 7",
+        "thread (2): AsyncIO Thread: default;Thread.run (threading.py:982);send (uvicorn/protocols/http/httptools_impl.py:544) 4",
+        "thread (3): MainThread;Worker.main_loop (ray/_private/worker.py:1069) 1",
+        "thread (1): Thread-1;UserCallableWrapper.__init__.<locals>._run_user_code_event_loop (ray/serve/_private/replica.py:3746) 6",
+        "thread (1): Thread-1;<module> (somewhere.py:1) 1",
+    ])
+    assert profile.breakdown(collapsed) == {
+        "event loops in C (uvloop)": 13, "vLLM's frontend, FastAPI, Starlette": 5, "Serve's direct ingress and uvicorn": 4,
+        "metrics": 3, "this app's own code": 2, "Ray's worker main thread": 1, "other": 1}
