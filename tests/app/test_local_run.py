@@ -102,8 +102,9 @@ def test_make_serve_should_serve_then_stop_everything_on_ctrl_c(tiny_model_dir):
     try:
         assert serving.wait(timeout=400), "".join(output[-40:])
         assert any("curl http://127.0.0.1:" in line for line in output)  # it prints a curl to try
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).json()
-        assert models["data"][0]["id"] == "tiny-llama"  # the demo model's plain name, not its path
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60)
+        assert models.status_code == 200, (models.status_code, models.text, "".join(output[-40:]))
+        assert models.json()["data"][0]["id"] == "tiny-llama"  # the demo model's plain name, not its path
         assert any("Metrics (Ray, Serve and vLLM's engine" in line for line in output)
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         assert process.wait(timeout=180) == 0, "".join(output[-40:])
