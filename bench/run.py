@@ -251,7 +251,7 @@ def main(argv=None) -> int:
                         help="an edited copy of files/vllm_app.py, served as app-b: e.g. --servers app,app-b")
     parser.add_argument("--b-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a chart value for app-b only, as helm --set takes it (e.g. "
-                             "engine.extraArgs.stream_interval=4): the A/B of a value")
+                             "engine.streamInterval=4): the A/B of a value")
     parser.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--rounds", type=int, default=2, help="rounds; servers alternate within each")
     parser.add_argument("--max-tokens", type=int, default=64)
