@@ -146,6 +146,18 @@ minReplicas and maxReplicas as Serve asks for model replicas.
 {{- end }}
 
 {{/*
+The sha256 of the app's files (files/vllm_app*.py, in name order, one after the other), as
+files/vllm_app.py computes it (code_digest): a code change restarts the app in place.
+*/}}
+{{- define "vllm-rayservice.appCodeHash" -}}
+{{- $code := "" }}
+{{- range $path, $_ := .Files.Glob "files/vllm_app*.py" }}
+{{- $code = print $code ($.Files.Get $path) }}
+{{- end }}
+{{- $code | sha256sum }}
+{{- end }}
+
+{{/*
 The Ray Serve config KubeRay submits to the cluster (spec.serveConfigV2). `args` is the app
 contract (README, "The app contract"): files/vllm_app.py validates it into AppArgs.
 */}}
@@ -174,7 +186,9 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
 {{- $serving := dict
   "apiKeyEnv" (ternary (include "vllm-rayservice.apiKeyEnvName" .) "" (ne (include "vllm-rayservice.apiKeySecretName" .) ""))
   "apiKeysDir" (include "vllm-rayservice.apiKeysDir" .)
-  "logPrompts" .Values.serving.logPrompts }}
+  "logPrompts" .Values.serving.logPrompts
+  "warmup" .Values.serving.warmup
+  "engineStallSeconds" .Values.serving.engineStallSeconds }}
 {{- $deployment := dict
   "name" "VLLMServer"
   "max_ongoing_requests" (int .Values.serving.maxOngoingRequests)
@@ -197,7 +211,7 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "name" "llm"
   "import_path" "vllm_app:build_app"
   "route_prefix" "/"
-  "runtime_env" (dict "env_vars" (dict "VLLM_APP_SHA256" (.Files.Get "files/vllm_app.py" | sha256sum)))
+  "runtime_env" (dict "env_vars" (dict "VLLM_APP_SHA256" (include "vllm-rayservice.appCodeHash" .)))
   "args" (dict "model" $model "engine" $engine "openai" $openai "serving" $serving)
   "deployments" (list $deployment) }}
 {{- $config := dict

@@ -54,7 +54,7 @@ class TestArgsContract:
             "model": "org/model", "served_model_name": ["chat"], "revision": "v1", "trust_remote_code": True,
             "dtype": "float16", "max_model_len": 4096, "gpu_memory_utilization": 0.8, "tensor_parallel_size": 2,
             "pipeline_parallel_size": 1, "enforce_eager": True, "stream_interval": 4,
-            "distributed_executor_backend": "mp",
+            "distributed_executor_backend": "mp", "worker_extension_cls": "vllm_app_worker.WorkerSetup",
             "max_num_seqs": 8, "reasoning_parser": "qwen3", "chat_template": None, "tool_call_parser": "hermes",
             "enable_auto_tool_choice": True, "chat_template_content_format": "openai",
             "enable_prompt_tokens_details": True, "disable_log_stats": False, "enable_log_requests": False,
@@ -138,12 +138,18 @@ class TestArgsContract:
             vllm_app._api_keys(vllm_app.ServingArgs(api_key_env="SOME_KEY_ENV"))
 
     def test_current_code_should_start_at_once(self, monkeypatch):
-        import hashlib
-
-        monkeypatch.setenv(vllm_app.CODE_HASH_ENV, hashlib.sha256(Path(vllm_app.__file__).read_bytes()).hexdigest())
+        monkeypatch.setenv(vllm_app.CODE_HASH_ENV, vllm_app.code_digest(Path(vllm_app.__file__).parent))
         assert vllm_app._wait_for_current_code() is True
         monkeypatch.delenv(vllm_app.CODE_HASH_ENV)
         assert vllm_app._wait_for_current_code() is True  # outside a Serve config: nothing to check
+
+    def test_code_digest_should_cover_every_app_module_and_nothing_else(self, tmp_path):
+        (tmp_path / "vllm_app.py").write_text("app")
+        before = vllm_app.code_digest(tmp_path)
+        (tmp_path / "smoke_test.py").write_text("not the app")
+        assert vllm_app.code_digest(tmp_path) == before
+        (tmp_path / "vllm_app_worker.py").write_text("worker")
+        assert vllm_app.code_digest(tmp_path) != before
 
     def test_stale_code_should_wait_for_the_configmap_update(self, monkeypatch, tmp_path):
         import hashlib

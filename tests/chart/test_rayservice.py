@@ -167,7 +167,7 @@ class TestAppMount:
         assert env["PYTHONPATH"] == mount["mountPath"]
         assert "$" not in env["PYTHONPATH"]  # Kubernetes would leave a literal $PYTHONPATH
         configmap = rendered.one("ConfigMap")
-        assert set(configmap["data"]) == {"vllm_app.py", "smoke_test.py"}
+        assert set(configmap["data"]) == {"vllm_app.py", "vllm_app_worker.py", "smoke_test.py"}
 
     def test_configmap_should_hold_the_files_verbatim(self, render):
         data = render().one("ConfigMap")["data"]
@@ -201,7 +201,8 @@ class TestServeConfig:
         assert args["openai"] == {"toolCallParser": "hermes", "enableAutoToolChoice": True,
                                   "reasoningParser": "qwen3", "chatTemplateContentFormat": "openai",
                                   "extraArgs": {"enable_prompt_tokens_details": True}}
-        assert args["serving"] == {"apiKeyEnv": "", "apiKeysDir": "", "logPrompts": True}
+        assert args["serving"] == {"apiKeyEnv": "", "apiKeysDir": "", "logPrompts": True,
+                                   "warmup": True, "engineStallSeconds": 60}
 
     def test_args_should_be_what_the_app_contract_accepts(self, render):
         import sys
@@ -340,9 +341,18 @@ class TestUpgrades:
     def test_code_hash_should_be_the_sha256_of_the_shipped_app(self, render):
         import hashlib
 
-        expected = hashlib.sha256((chart.CHART_DIR / "files" / "vllm_app.py").read_bytes()).hexdigest()
+        files = chart.CHART_DIR / "files"
+        app_files = sorted(files.glob("vllm_app*.py"))
+        assert [path.name for path in app_files] == ["vllm_app.py", "vllm_app_worker.py"]
+        expected = hashlib.sha256(b"".join(path.read_bytes() for path in app_files)).hexdigest()
         env = render().serve_config()["applications"][0]["runtime_env"]["env_vars"]
         assert env["VLLM_APP_SHA256"] == expected
+
+    def test_configmap_should_ship_every_app_module_the_hash_covers(self, render):
+        [configmap] = [o for o in render().objects if o["kind"] == "ConfigMap" and "vllm_app.py" in o["data"]]
+        files = chart.CHART_DIR / "files"
+        for path in files.glob("vllm_app*.py"):
+            assert configmap["data"][path.name] == path.read_text().rstrip("\n")
 
 
 class TestNamesAndLabels:
