@@ -327,7 +327,7 @@ async def start_vllm_server(args: AppArgs, on_step=None):
     Returns (engine, app). The engine is created with the OpenAI-server usage context (on GPUs vLLM
     picks its server defaults, e.g. a larger max_num_seqs) and reports its statistics through
     Ray's metrics export, so they appear on every pod's Ray metrics port as `ray_vllm_*`.
-    `on_step()` is called at every engine step (the watchdog's heartbeat, see _engine_steps).
+    `on_step(requests)` is called at every engine step (the watchdog's heartbeat, see _engine_steps).
     """
     vllm = _vllm_internals()
     namespace = vllm_server_args(args)
@@ -367,7 +367,8 @@ class _NoServer:
 
 
 def _engine_steps(stat_logger_base, on_step):
-    """A vLLM stat logger class whose only job is to call on_step() at every engine step.
+    """A vLLM stat logger class whose only job is to call on_step(requests) at every engine step,
+    with the requests the engine itself holds (running and waiting) after that step.
 
     vLLM's engine attaches its scheduler statistics to every step's output, a step that yields no
     token included (e.g. one chunk of a long prefill), and the frontend hands them to each stat
@@ -379,7 +380,8 @@ def _engine_steps(stat_logger_base, on_step):
             pass
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-            on_step()
+            if scheduler_stats is not None:
+                on_step(scheduler_stats.num_running_reqs + scheduler_stats.num_waiting_reqs)
 
         def log_engine_initialized(self):
             pass
@@ -802,34 +804,47 @@ class EngineWatchdog:
     the engine process is alive.
 
     Progress is an engine step (vLLM's stat-logger hook, see _engine_steps), not an output token,
-    so a long prefill that takes many steps is progress. When the engine holds requests and has not
-    stepped for `stall_s` seconds, the watchdog kills the engine's processes: vLLM then ends every
-    request in flight with its engine-dead error (an error frame then [DONE] in a stream), /health
-    answers 503, and Serve's health check (check_health) replaces the replica.
+    so a long prefill that takes many steps is progress. The engine owes a step when its last step
+    left it holding requests (its own count, running and waiting), or when the frontend gave it new
+    requests since that step. The frontend's count alone is not the test: a request the engine has
+    finished can stay counted there while its client's stream drains (seen with a client that
+    stopped reading), and an idle engine makes no steps. When the engine owes a step for `stall_s`
+    seconds, the watchdog kills the engine's processes: vLLM then ends every request in flight with
+    its engine-dead error (an error frame then [DONE] in a stream), /health answers 503, and Serve's
+    health check (check_health) replaces the replica.
     """
 
     def __init__(self, engine, stall_s: float):
         self.engine, self.stall_s = engine, stall_s
         self.last_step = time.monotonic()
+        self.engine_holds = 0  # requests the engine held after its last step
+        self.sent_since_step = False  # the frontend took new requests after that step
         self.stalled: Optional[str] = None
 
-    def step(self) -> None:
+    def step(self, engine_holds: int) -> None:
         self.last_step = time.monotonic()
+        self.engine_holds = engine_holds
+        self.sent_since_step = False
 
     async def run(self, poll_s: float = 1.0) -> None:
-        busy_since = None
+        owed_since = None
+        frontend_before = self.engine.get_num_unfinished_requests()
         while self.stalled is None:
             await asyncio.sleep(min(poll_s, self.stall_s / 4))
             now = time.monotonic()
-            waiting = self.engine.get_num_unfinished_requests()
-            if not waiting:
-                busy_since = None
+            frontend = self.engine.get_num_unfinished_requests()
+            if frontend > frontend_before:
+                self.sent_since_step = True
+            frontend_before = frontend
+            if not frontend or not (self.engine_holds or self.sent_since_step):
+                owed_since = None
                 continue
-            busy_since = busy_since or now
-            idle_s = now - max(self.last_step, busy_since)
+            owed_since = owed_since or now
+            idle_s = now - max(self.last_step, owed_since)
             if idle_s >= self.stall_s:
-                self.stalled = (f"the vLLM engine made no step in {idle_s:.0f} s while it held {waiting} "
-                                f"request(s) (serving.engineStallSeconds={self.stall_s:g}): it is hung")
+                self.stalled = (f"the vLLM engine made no step in {idle_s:.0f} s while it held "
+                                f"{max(self.engine_holds, 1)} request(s) (serving.engineStallSeconds="
+                                f"{self.stall_s:g}): it is hung")
                 logger.error("%s; killing its processes %s so that its requests end and Serve replaces this "
                              "replica", self.stalled, kill_engine_processes())
 
@@ -852,9 +867,9 @@ class _Steps:
 
     watchdog: Optional[EngineWatchdog] = None
 
-    def __call__(self) -> None:
+    def __call__(self, engine_holds: int) -> None:
         if self.watchdog is not None:
-            self.watchdog.step()
+            self.watchdog.step(engine_holds)
 
 
 @serve.deployment(name="VLLMServer")

@@ -321,3 +321,84 @@ class TestGate:
         assert keys.name_of("beta-key") == "team-b"
         assert keys.name_of("alpha") is None and keys.name_of("") is None
         assert not vllm_app.APIKeys({}).enabled
+
+
+class TestEngineWatchdog:
+    """The stall rule on a stand-in engine count; the real hang is fault scenario 7 (tests/faults)."""
+
+    class Frontend:
+        def __init__(self):
+            self.unfinished = 0
+
+        def get_num_unfinished_requests(self):
+            return self.unfinished
+
+    def _run(self, frontend, steps, seconds=0.6):
+        import asyncio
+
+        watchdog = vllm_app.EngineWatchdog(frontend, stall_s=0.3)
+
+        async def scenario():
+            task = asyncio.create_task(watchdog.run(poll_s=0.02))
+            await steps(watchdog)
+            await asyncio.sleep(seconds)
+            task.cancel()
+
+        killed = []
+        original = vllm_app.kill_engine_processes
+        vllm_app.kill_engine_processes = lambda: killed.append(1) or []
+        try:
+            asyncio.run(scenario())
+        finally:
+            vllm_app.kill_engine_processes = original
+        return watchdog, killed
+
+    def test_an_engine_that_holds_requests_and_stops_stepping_should_be_called_hung(self):
+        frontend = self.Frontend()
+
+        async def steps(watchdog):
+            frontend.unfinished = 3
+            watchdog.step(3)
+
+        watchdog, killed = self._run(frontend, steps)
+        assert watchdog.stalled and "held 3 request(s)" in watchdog.stalled and killed
+        with pytest.raises(RuntimeError, match="it is hung"):
+            watchdog.check()
+
+    def test_a_request_the_engine_finished_but_the_frontend_still_counts_should_not(self):
+        frontend = self.Frontend()
+
+        async def steps(watchdog):
+            frontend.unfinished = 1
+            watchdog.step(0)  # the engine's last step left it idle
+
+        watchdog, killed = self._run(frontend, steps)
+        assert watchdog.stalled is None and not killed
+        watchdog.check()
+
+    def test_a_new_request_to_an_idle_engine_that_never_steps_should_be_called_hung(self):
+        import asyncio
+
+        frontend = self.Frontend()
+
+        async def steps(watchdog):
+            watchdog.step(0)
+            await asyncio.sleep(0.05)
+            frontend.unfinished = 1  # sent to an engine stopped while idle
+
+        watchdog, killed = self._run(frontend, steps)
+        assert watchdog.stalled and killed
+
+    def test_an_engine_that_keeps_stepping_should_never_be_called_hung(self):
+        import asyncio
+
+        frontend = self.Frontend()
+
+        async def steps(watchdog):
+            frontend.unfinished = 5
+            for _ in range(40):  # a long prefill: many steps, no token
+                watchdog.step(5)
+                await asyncio.sleep(0.02)
+
+        watchdog, killed = self._run(frontend, steps, seconds=0.1)
+        assert watchdog.stalled is None and not killed
