@@ -69,4 +69,5 @@ free slot. */}}
 {{- fail (printf "monitoring.prometheusRule.enabled is true but monitoring.podMonitor.enabled is false: the alerts select this release's series by the job label the chart's PodMonitor gives them (%s). Set monitoring.podMonitor.enabled=true too." (include "vllm-rayservice.metricsJob" .)) }}
 {{- end }}
 {{- include "vllm-rayservice.validateKubeRay" . }}
+{{- include "vllm-rayservice.validateKubeRayVersion" . }}
 {{- end }}

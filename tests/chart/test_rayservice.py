@@ -282,13 +282,13 @@ class TestScaling:
         assert group["replicas"] == 2
 
 
-INCREMENTAL = {"cluster": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+INCREMENTAL = {"cluster": {"kuberayVersion": "1.7.0", "upgradeStrategy": "NewClusterWithIncrementalUpgrade",
                            "incrementalUpgrade": {"gatewayClassName": "istio"}}}
 
 
 class TestUpgrades:
     def test_should_emit_upgrade_fields_only_when_set(self, render):
-        values = {"cluster": {"upgradeStrategy": "None", "rayClusterDeletionDelaySeconds": 30}}
+        values = {"cluster": {"kuberayVersion": "1.7.0", "upgradeStrategy": "None", "rayClusterDeletionDelaySeconds": 30}}
         spec = render(values).rayservice()["spec"]
         assert spec["upgradeStrategy"] == {"type": "None"}
         assert spec["rayClusterDeletionDelaySeconds"] == 30
@@ -312,7 +312,8 @@ class TestUpgrades:
 
     @pytest.mark.skipif(not kube_schemas.crd_files(), reason=kube_schemas.crd_missing_reason())
     def test_upgrade_fields_should_be_valid_where_kuberay_has_them(self, render):
-        rayservice = render({"cluster": {"upgradeStrategy": "None", "rayClusterDeletionDelaySeconds": 30}}).rayservice()
+        rayservice = render({"cluster": {"kuberayVersion": "1.7.0", "upgradeStrategy": "None",
+                                         "rayClusterDeletionDelaySeconds": 30}}).rayservice()
         by_version = {path.name: kube_schemas.rayservice_errors(rayservice, path) for path in kube_schemas.crd_files()}
         for name, errors in by_version.items():
             if "v1.7.0" in name:

@@ -20,7 +20,8 @@ class TestSmokeTestHook:
         assert set(policies) == {"before-hook-creation", "hook-succeeded"}
 
     def test_should_call_this_releases_service_with_the_served_model(self, render):
-        rendered = render({"model": {"servedName": "chat"}, "service": {"port": 80}}, release="rel", namespace="llm")
+        rendered = render({"model": {"servedName": "chat"}, "service": {"port": 80}, "cluster": {"kuberayVersion": "1.6.0"}},
+                          release="rel", namespace="llm")
         env = {e["name"]: e.get("value") for e in _pod(rendered)["spec"]["containers"][0]["env"]}
         service = rendered.rayservice()["spec"]["serveService"]["metadata"]["name"]
         assert env["SMOKE_TEST_URL"] == f"http://{service}.llm.svc:80"
@@ -70,3 +71,4 @@ class TestNotes:
         notes = self._notes(upgrade=True)
         assert "What this upgrade does" in notes
         assert "second Ray cluster" in notes and "in place" in notes
+        assert "KubeRay updates the serve Service only when it switches to a new" in notes
