@@ -150,6 +150,40 @@ def running_replicas(serve_details: dict, app: str = "llm", deployment: str = "V
     return sum(1 for replica in details.get("replicas", []) if replica.get("state") == "RUNNING")
 
 
+def serving_service_name(rayservice: dict) -> str:
+    """The Service in front of Serve that KubeRay creates for this RayService, as rendered.
+
+    KubeRay names it after spec.serveService (`<name>-serve-svc`), except under
+    NewClusterWithIncrementalUpgrade: there (v1.5 and newer, common/service.go BuildServeService)
+    it ignores spec.serveService and names one serve Service per cluster, and clients go through the
+    Gateway `<name>-gateway`. The RayService's head Service, `<name>-head-svc`, follows the active
+    cluster in every mode and carries the head's `serve` port (BuildHeadServiceForRayService)."""
+    spec = rayservice["spec"]
+    if (spec.get("upgradeStrategy") or {}).get("type") == "NewClusterWithIncrementalUpgrade":
+        return f"{rayservice['metadata']['name']}-head-svc"
+    return spec["serveService"]["metadata"]["name"]
+
+
+class ServicePortError(Exception):
+    pass
+
+
+def serve_port(service: Optional[dict], name: str = "") -> int:
+    """The port of the live Service named `serve`, the one KubeRay keeps for Serve.
+
+    Read from the cluster, never from the values: KubeRay < 1.6 replaces the ports of
+    spec.serveService with the head's container port (common/service.go, BuildServeService)."""
+    if service is None:
+        raise ServicePortError(f"Service {name} does not exist: KubeRay creates it once the Serve app runs "
+                               "(kubectl get rayservice, and its events, say why not)")
+    ports = service.get("spec", {}).get("ports") or []
+    for port in ports:
+        if port.get("name") == "serve":
+            return port["port"]
+    raise ServicePortError(f"Service {service['metadata']['name']} has no port named serve: "
+                           f"{[(p.get('name'), p.get('port')) for p in ports]}")
+
+
 def failure_report(rayservice: Optional[dict], events: Iterable[dict], pod_logs: dict[str, str],
                    log_lines: int = 40) -> str:
     """What a person needs when the RayService did not become ready: its status, the events, the

@@ -32,15 +32,16 @@ class Release:
     kubeconfig: str
     helm: object  # helm_python.Config
     api: object  # pykube.HTTPClient
-    serve_service: dict | None = None  # the RayService's spec.serveService, as rendered
+    serve_service_name: str = ""  # the Service in front of Serve (tools.cluster.serving_service_name)
 
     def rayservice(self) -> dict | None:
         return get_object(self.api, "ray.io/v1", "RayService", self.namespace, self.fullname)
 
     def serve_target(self) -> tuple[str, int]:
-        """The Service clients call and its port (service.port), for kubectl port-forward."""
-        [port] = self.serve_service["spec"]["ports"]
-        return f"svc/{self.serve_service['metadata']['name']}", port["port"]
+        """The Service clients call and the port it really has, read from the cluster (not
+        service.port: KubeRay < 1.6 keeps the Service on the head's serve port), for port-forward."""
+        service = get_object(self.api, "v1", "Service", self.namespace, self.serve_service_name)
+        return f"svc/{self.serve_service_name}", cluster.serve_port(service, self.serve_service_name)
 
 
 def get_object(api, api_version, kind, namespace, name):
@@ -186,7 +187,7 @@ def release(prerequisites, kubeconfig, kube_api, pytestconfig):
     rendered = chart.render(values, release=name, namespace=namespace)
     subject = Release(name=name, fullname=rendered.rayservice()["metadata"]["name"], namespace=namespace,
                       values=values, kubeconfig=kubeconfig, helm=helm, api=kube_api,
-                      serve_service=rendered.rayservice()["spec"]["serveService"])
+                      serve_service_name=cluster.serving_service_name(rendered.rayservice()))
     yield from installed(subject, pytestconfig.getoption("cluster_ready_timeout"))
 
 

@@ -118,13 +118,37 @@ def test_a_bug_in_the_check_should_not_be_retried():
         cluster.wait_for(check, timeout=30, poll=10, sleep=lambda _: None, transient=cluster.TRANSIENT_ERRORS)
 
 
-def test_the_endpoint_should_be_reached_on_service_port():
-    """The serve Service listens on service.port, not on the Serve proxy's 8000."""
-    rayservice = chart.render({"service": {"port": 80}}, release="vrs-e2e-abc123").rayservice()
+def _live_service(name, port):
+    """A serve Service as KubeRay < 1.6 leaves it: only the head's serve port, whatever service.port said."""
+    return {"kind": "Service", "metadata": {"name": name},
+            "spec": {"ports": [{"name": "serve", "port": port, "protocol": "TCP", "targetPort": port}]}}
+
+
+def test_the_endpoint_should_be_reached_on_the_port_the_live_service_has(monkeypatch):
+    """Not on service.port from the values: the suite asks the cluster which port Serve is behind."""
+    rayservice = chart.render({"service": {"port": 80}, "cluster": {"kuberayVersion": "1.7.0"}},
+                              release="vrs-e2e-abc123").rayservice()
+    asked = []
+
+    def get_object(api, api_version, kind, namespace, name):
+        asked.append((kind, namespace, name))
+        return _live_service(name, 8000)
+
+    monkeypatch.setattr(conftest, "get_object", get_object)
     release = conftest.Release(name="vrs-e2e-abc123", fullname=rayservice["metadata"]["name"], namespace="llm",
                                values={"service": {"port": 80}}, kubeconfig="/dev/null", helm=None, api=None,
-                               serve_service=rayservice["spec"]["serveService"])
-    assert release.serve_target() == ("svc/vrs-e2e-abc123-vllm-rayservice-serve-svc", 80)
+                               serve_service_name=cluster.serving_service_name(rayservice))
+    assert release.serve_target() == ("svc/vrs-e2e-abc123-vllm-rayservice-serve-svc", 8000)
+    assert asked == [("Service", "llm", "vrs-e2e-abc123-vllm-rayservice-serve-svc")]
+
+
+def test_a_missing_or_portless_serve_service_should_say_what_is_wrong():
+    with pytest.raises(cluster.ServicePortError, match="chat-serve-svc does not exist"):
+        cluster.serve_port(None, "chat-serve-svc")
+    service = _live_service("chat-serve-svc", 8000)
+    service["spec"]["ports"][0]["name"] = "http"
+    with pytest.raises(cluster.ServicePortError, match=r"no port named serve: \[\('http', 8000\)\]"):
+        cluster.serve_port(service)
 
 
 POD_REPORT = "Test pod x-smoke-test: phase Failed\nLog:\nFAIL streaming chat: no data: [DONE]"
