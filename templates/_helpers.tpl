@@ -46,6 +46,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s-serve-svc" (include "vllm-rayservice.fullname" .) }}
 {{- end }}
 
+{{/* The port Ray Serve's ingress (HAProxy or the proxy) listens on, on every node. */}}
+{{- define "vllm-rayservice.servePort" -}}
+8000
+{{- end }}
+
 {{/* The ConfigMap holding the app code and the smoke-test script. */}}
 {{- define "vllm-rayservice.appConfigMapName" -}}
 {{- printf "%s-app" (include "vllm-rayservice.fullname" .) }}
@@ -202,7 +207,7 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "deployments" (list $deployment) }}
 {{- $config := dict
   "proxy_location" "EveryNode"
-  "http_options" (dict "host" "0.0.0.0" "port" 8000)
+  "http_options" (dict "host" "0.0.0.0" "port" (int (include "vllm-rayservice.servePort" .)))
   "applications" (list $app) }}
 {{- toYaml $config }}
 {{- end }}

@@ -71,8 +71,9 @@ Called from vllm-rayservice.validate, after KubeRay's own checks.
 {{- fail (printf "cluster.kuberayVersion is %s, but this chart needs KubeRay 1.1.0 or newer (the ray.io/v1 RayService). Upgrade the KubeRay operator and set cluster.kuberayVersion to its version." $version) }}
 {{- end }}
 {{- if not (include "vllm-rayservice.kuberayAtLeast" (list . "1.6.0")) }}
-{{- if ne (int .Values.service.port) 8000 }}
-{{- fail (printf "service.port is %d, but KubeRay %s (cluster.kuberayVersion) keeps the serve Service on port 8000: before 1.6 it replaces the ports of spec.serveService with the head's serve port. Set service.port to 8000, %s (1.6 or newer)." (int .Values.service.port) $version $upgradeKubeRay) }}
+{{- $servePort := int (include "vllm-rayservice.servePort" .) }}
+{{- if ne (int .Values.service.port) $servePort }}
+{{- fail (printf "service.port is %d, but KubeRay %s (cluster.kuberayVersion) keeps the serve Service on port %d: before 1.6 it replaces the ports of spec.serveService with the head's serve port. Set service.port to %d, %s (1.6 or newer)." (int .Values.service.port) $version $servePort $servePort $upgradeKubeRay) }}
 {{- end }}
 {{- if not (kindIs "invalid" .Values.service.nodePort) }}
 {{- fail (printf "service.nodePort is %d, but KubeRay %s (cluster.kuberayVersion) drops it: before 1.6 it replaces the ports of spec.serveService with the head's serve port, and Kubernetes picks a random node port. Remove service.nodePort, %s (1.6 or newer)." (int .Values.service.nodePort) $version $upgradeKubeRay) }}

@@ -109,11 +109,31 @@ class TestWorkers:
     def test_gpu_workers_should_leave_ray_cpus_to_kuberay(self, render):
         assert "num-cpus" not in _workers(render())["rayStartParams"]  # the GPU count places replicas
 
-    def test_should_check_only_raylet_health_for_readiness(self, render):
-        probe = _worker_container(render())["readinessProbe"]
-        command = " ".join(probe["exec"]["command"])
-        assert "local_raylet_healthz" in command
-        assert "-/healthz" not in command  # the Serve proxy check that keeps idle workers NotReady
+    @pytest.mark.parametrize("ingress", ["haproxy", "proxy"])
+    def test_workers_should_be_ready_for_traffic_only_when_their_serve_ingress_is(self, render, ingress):
+        """KubeRay puts every RayService worker behind the serve Service and relies on this probe:
+        raylet health and Serve's /-/healthz on the Serve port, out at the first failure, as its
+        default probe for RayService workers (common/pod.go initLivenessAndReadinessProbe)."""
+        rendered = render({"serving": {"ingress": ingress}})
+        probe = _worker_container(rendered)["readinessProbe"]
+        assert probe["exec"]["command"][:2] == ["bash", "-c"]
+        raylet, serve = probe["exec"]["command"][2].split(" && ")
+        assert raylet == "wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
+        port = rendered.serve_config()["http_options"]["port"]
+        assert serve == f"wget --tries 1 -T 2 -q -O- http://localhost:{port}/-/healthz | grep success"
+        assert (probe["failureThreshold"], probe["successThreshold"], probe["periodSeconds"]) == (1, 1, 5)
+        assert probe["timeoutSeconds"] >= 2 + 2  # both calls fit
+
+    def test_the_probe_should_follow_a_moved_dashboard_agent(self, render):
+        probe = _worker_container(render({"workers": {"rayStartParams": {"dashboard-agent-listen-port": "52999"}}}))
+        assert "http://localhost:52999/api/local_raylet_healthz" in probe["readinessProbe"]["exec"]["command"][2]
+
+    def test_workers_should_listen_for_serve_where_the_head_and_the_service_send_it(self, render):
+        rendered = render()
+        [head_port] = [p for p in _head_container(rendered)["ports"] if p["name"] == "serve"]
+        [service_port] = rendered.rayservice()["spec"]["serveService"]["spec"]["ports"]
+        assert head_port["containerPort"] == service_port["targetPort"] == \
+            rendered.serve_config()["http_options"]["port"] == 8000
 
     def test_should_stop_ray_before_the_pod_goes(self, render):
         assert "ray stop" in " ".join(_worker_container(render())["lifecycle"]["preStop"]["exec"]["command"])
