@@ -46,6 +46,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s-serve-svc" (include "vllm-rayservice.fullname" .) }}
 {{- end }}
 
+{{/*
+Where `helm test` calls the app. Normally the serve Service. Under NewClusterWithIncrementalUpgrade
+KubeRay (1.5 and newer, common/service.go BuildServeService) ignores spec.serveService and makes
+one serve Service per cluster, named after the cluster, behind the Gateway `<name>-gateway`
+(rayservice_controller.go createGateway, port 80); the Service in front of that Gateway is named by
+the Gateway implementation, so no name is known here. The RayService's head Service
+(`<name>-head-svc`, BuildHeadServiceForRayService) exists in every mode, follows the active cluster
+and carries the head's serve port: the smoke test calls Serve there.
+*/}}
+{{- define "vllm-rayservice.smokeTestURL" -}}
+{{- if eq .Values.cluster.upgradeStrategy "NewClusterWithIncrementalUpgrade" }}
+{{- printf "http://%s-head-svc.%s.svc:%s" (include "vllm-rayservice.fullname" .) .Release.Namespace (include "vllm-rayservice.servePort" .) }}
+{{- else }}
+{{- printf "http://%s.%s.svc:%d" (include "vllm-rayservice.serveServiceName" .) .Release.Namespace (int .Values.service.port) }}
+{{- end }}
+{{- end }}
+
 {{/* The port Ray Serve's ingress (HAProxy or the proxy) listens on, on every node. */}}
 {{- define "vllm-rayservice.servePort" -}}
 8000

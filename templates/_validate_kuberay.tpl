@@ -35,6 +35,16 @@ Called from vllm-rayservice.validate.
 {{- if not $incremental.gatewayClassName }}
 {{- fail "cluster.upgradeStrategy is NewClusterWithIncrementalUpgrade, but cluster.incrementalUpgrade.gatewayClassName is empty: KubeRay rejects that RayService. Set it to a GatewayClass of your cluster (kubectl get gatewayclass), or choose another cluster.upgradeStrategy." }}
 {{- end }}
+{{- $service := .Values.service }}
+{{- $customized := list }}
+{{- if ne $service.type "ClusterIP" }}{{ $customized = append $customized (printf "service.type (%s)" $service.type) }}{{ end }}
+{{- if ne (int $service.port) (int (include "vllm-rayservice.servePort" .)) }}{{ $customized = append $customized (printf "service.port (%d)" (int $service.port)) }}{{ end }}
+{{- if not (kindIs "invalid" $service.nodePort) }}{{ $customized = append $customized "service.nodePort" }}{{ end }}
+{{- if $service.annotations }}{{ $customized = append $customized "service.annotations" }}{{ end }}
+{{- if $service.loadBalancerSourceRanges }}{{ $customized = append $customized "service.loadBalancerSourceRanges" }}{{ end }}
+{{- with $customized }}
+{{- fail (printf "%s %s set, but under cluster.upgradeStrategy NewClusterWithIncrementalUpgrade KubeRay ignores spec.serveService: clients go through the Gateway %s-gateway (port 80) it makes with cluster.incrementalUpgrade.gatewayClassName. Leave service.* at its defaults and expose that Gateway the way its class does." (join ", " .) (ternary "are" "is" (gt (len .) 1)) (include "vllm-rayservice.fullname" $)) }}
+{{- end }}
 {{- if gt (int $incremental.stepSizePercent) (int $incremental.maxSurgePercent) }}
 {{- fail (printf "cluster.incrementalUpgrade.stepSizePercent (%d) is larger than cluster.incrementalUpgrade.maxSurgePercent (%d): KubeRay rejects that RayService. Lower stepSizePercent or raise maxSurgePercent." (int $incremental.stepSizePercent) (int $incremental.maxSurgePercent)) }}
 {{- end }}

@@ -57,6 +57,21 @@ REFUSED_BY_KUBERAY = [
 ]
 
 
+@pytest.mark.parametrize("service, named", [
+    ({"type": "LoadBalancer"}, "service.type (LoadBalancer) is set"),
+    ({"port": 80}, "service.port (80) is set"),
+    ({"type": "NodePort", "nodePort": 30080}, "service.type (NodePort), service.nodePort are set"),
+    ({"annotations": {"a": "b"}}, "service.annotations is set"),
+])
+def test_a_serve_service_that_incremental_upgrade_ignores_should_fail(service, named):
+    """From 1.5, BuildServeService (common/service.go) skips spec.serveService under
+    NewClusterWithIncrementalUpgrade: traffic goes through the Gateway KubeRay makes."""
+    with pytest.raises(chart.ChartError) as failure:
+        chart.render({"service": service, "cluster": {"kuberayVersion": "1.7.0", "upgradeStrategy": INCREMENTAL,
+                                                      "incrementalUpgrade": {"gatewayClassName": "istio"}}})
+    assert named in str(failure.value) and "the Gateway test-vllm-rayservice-gateway (port 80)" in str(failure.value)
+
+
 @pytest.mark.parametrize("values, release, names", REFUSED_BY_KUBERAY)
 def test_values_kuberay_would_refuse_should_fail_at_render_time(values, release, names):
     with pytest.raises(chart.ChartError) as failure:

@@ -1,6 +1,9 @@
 """`helm test`: a hook Pod that runs files/smoke_test.py against the serving Service; and NOTES.txt."""
 
-from tools import chart
+from tools import chart, cluster
+
+INCREMENTAL = {"cluster": {"kuberayVersion": "1.7.0", "upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+                           "incrementalUpgrade": {"gatewayClassName": "istio"}}}
 
 
 def _pod(rendered):
@@ -26,6 +29,15 @@ class TestSmokeTestHook:
         service = rendered.rayservice()["spec"]["serveService"]["metadata"]["name"]
         assert env["SMOKE_TEST_URL"] == f"http://{service}.llm.svc:80"
         assert env["SMOKE_TEST_MODEL"] == "chat"
+
+    def test_under_incremental_upgrade_should_call_the_head_service_which_exists_in_that_mode(self, render):
+        """KubeRay (v1.7 common/service.go BuildServeService) ignores spec.serveService then, so
+        <name>-serve-svc never exists; its head Service does and carries the serve port."""
+        rendered = render(INCREMENTAL, release="rel", namespace="llm")
+        env = {e["name"]: e.get("value") for e in _pod(rendered)["spec"]["containers"][0]["env"]}
+        assert env["SMOKE_TEST_URL"] == "http://rel-vllm-rayservice-head-svc.llm.svc:8000"
+        assert cluster.serving_service_name(rendered.rayservice()) == "rel-vllm-rayservice-head-svc"
+        assert rendered.serve_config()["http_options"]["port"] == 8000
 
     def test_should_run_the_shipped_script_from_the_configmap(self, render):
         rendered = render()
@@ -60,6 +72,11 @@ class TestNotes:
         assert "port-forward svc/test-vllm-rayservice-serve-svc 8000:8000" in self._notes()
         assert "loadBalancer.ingress" in self._notes({"service": {"type": "LoadBalancer"}})
         assert "nodePort" in self._notes({"service": {"type": "NodePort"}})
+
+    def test_under_incremental_upgrade_should_show_the_gateway_kuberay_makes(self):
+        notes = self._notes(INCREMENTAL)
+        assert "get gateway test-vllm-rayservice-gateway" in notes and "(port 80)" in notes
+        assert "serve-svc" not in notes and "test-vllm-rayservice-head-svc" in notes
 
     def test_should_show_a_curl_and_helm_test(self):
         notes = self._notes({"serving": {"apiKey": {"value": "k"}}})
