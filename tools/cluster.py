@@ -184,6 +184,39 @@ def serve_port(service: Optional[dict], name: str = "") -> int:
                            f"{[(p.get('name'), p.get('port')) for p in ports]}")
 
 
+_MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity(value, memory: bool = False) -> float:
+    """A Kubernetes quantity as a number: CPUs ("500m" -> 0.5) or bytes ("6Gi")."""
+    text = str(value)
+    if not memory and text.endswith("m"):
+        return int(text[:-1]) / 1000
+    for unit, factor in _MEMORY_UNITS.items():
+        if memory and text.endswith(unit):
+            return float(text[:-len(unit)]) * factor
+    return float(text)
+
+
+def peak_requests(rayservice: dict, workers: int) -> dict[str, tuple[float, float]]:
+    """(CPUs, GiB) the scheduler must find for the head pod (the Ray container and the autoscaler
+    sidecar KubeRay adds with autoscalerOptions.resources, common/pod.go BuildAutoscalerContainer)
+    and for `workers` worker pods of the first group, from a rendered RayService."""
+    cluster_config = rayservice["spec"]["rayClusterConfig"]
+
+    def requests(resources: dict) -> tuple[float, float]:
+        asked = resources.get("requests") or resources.get("limits") or {}
+        return quantity(asked.get("cpu", 0)), quantity(asked.get("memory", 0), memory=True) / 2**30
+
+    [head] = cluster_config["headGroupSpec"]["template"]["spec"]["containers"]
+    [worker] = cluster_config["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    parts = {"head": requests(head["resources"]),
+             "autoscaler": requests(cluster_config["autoscalerOptions"]["resources"]),
+             "worker": requests(worker["resources"])}
+    parts["total"] = tuple(parts["head"][i] + parts["autoscaler"][i] + workers * parts["worker"][i] for i in (0, 1))
+    return parts
+
+
 def failure_report(rayservice: Optional[dict], events: Iterable[dict], pod_logs: dict[str, str],
                    log_lines: int = 40) -> str:
     """What a person needs when the RayService did not become ready: its status, the events, the
