@@ -240,6 +240,29 @@ def failure_report(rayservice: Optional[dict], events: Iterable[dict], pod_logs:
     return "\n".join(parts)
 
 
+def scheduling_report(pods: Iterable[dict], events: Iterable[dict], events_per_pod: int = 5) -> str:
+    """Why pods stay Pending: for each one, the scheduler's PodScheduled condition and the pod's
+    last events (FailedScheduling says which resource no node has). Empty when none is Pending."""
+    events = sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    parts = []
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Pending":
+            continue
+        name = pod["metadata"]["name"]
+        scheduled = next((c for c in pod["status"].get("conditions") or [] if c.get("type") == "PodScheduled"), {})
+        state = (f"not scheduled ({scheduled.get('reason', '')}): {scheduled.get('message', '')}"
+                 if scheduled.get("status") == "False" else "scheduled, containers not started yet")
+        parts.append(f"Pod {name} is Pending, {state}".rstrip(": "))
+        own = [e for e in events if (e.get("involvedObject") or {}).get("kind") == "Pod"
+               and (e.get("involvedObject") or {}).get("name") == name]
+        for event in own[-events_per_pod:]:
+            parts.append(f"  {event.get('lastTimestamp') or event.get('eventTime') or '-'} {event.get('type', '')} "
+                         f"{event.get('reason', '')}: {event.get('message', '')}".rstrip())
+        if not own:
+            parts.append("  (no events)")
+    return "\n".join(parts)
+
+
 def is_hook(obj: dict) -> bool:
     return "helm.sh/hook" in (obj.get("metadata", {}).get("annotations") or {})
 

@@ -162,6 +162,26 @@ def rayservice_events(release: Release) -> list[dict]:
         namespace=release.namespace, field_selector={"involvedObject.name": release.fullname})]
 
 
+def pending_pods_report(release: Release) -> str:
+    """The release's Pending pods and their scheduling events, read from the cluster."""
+    import pykube
+
+    pods = [pod.obj for pod in pykube.Pod.objects(release.api).filter(
+        namespace=release.namespace, selector={"app.kubernetes.io/instance": release.name})]
+    events = [event.obj for event in pykube.Event.objects(release.api).filter(namespace=release.namespace)]
+    return cluster.scheduling_report(pods, events)
+
+
+def wait_until(release: Release, check, timeout: float, what: str) -> None:
+    """Poll `check` (a cluster.Readiness) until ready; on a timeout fail with what did not happen and,
+    when pods of the release stay Pending, why the scheduler does not place them."""
+    try:
+        cluster.wait_for(check, timeout=timeout, poll=10, transient=cluster.TRANSIENT_ERRORS)
+    except cluster.WaitTimeout as error:
+        pending = pending_pods_report(release)
+        pytest.fail(f"{what}: {error}" + (f"\n\n{pending}" if pending else ""), pytrace=False)
+
+
 def wait_ready(release: Release, timeout: float) -> None:
     def check():
         return cluster.readiness(release.rayservice() or {}, events=rayservice_events(release))

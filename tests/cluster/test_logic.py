@@ -130,3 +130,39 @@ def test_leftovers_should_name_what_the_release_left_except_what_helm_keeps_and_
                test_pod, obj("Pod", "other-head-xyz", "other")]
     assert cluster.leftovers(objects, "chat") == ["Pod/chat-head-abc", "RayCluster/chat-vllm-rayservice-x7k2p"]
     assert cluster.leftovers([], "chat") == []
+
+
+def _pod(name, phase, scheduled=None):
+    conditions = [{"type": "PodScheduled", **scheduled}] if scheduled else []
+    return {"kind": "Pod", "metadata": {"name": name}, "status": {"phase": phase, "conditions": conditions}}
+
+
+def _event(pod, reason, message, at, kind="Pod"):
+    return {"type": "Warning", "reason": reason, "message": message, "lastTimestamp": at,
+            "involvedObject": {"kind": kind, "name": pod}}
+
+
+def test_scheduling_report_should_say_why_each_pending_pod_is_not_placed():
+    worker = "chat-vllm-rayservice-x7k2p-cpu-workers-worker-abcde"
+    pods = [_pod("chat-vllm-rayservice-x7k2p-head-4d2lq", "Running", {"status": "True"}),
+            _pod(worker, "Pending", {"status": "False", "reason": "Unschedulable",
+                                     "message": "0/1 nodes are available: 1 Insufficient memory."}),
+            _pod("chat-vllm-rayservice-x7k2p-cpu-workers-worker-fghij", "Pending", {"status": "True"})]
+    events = [_event(worker, "FailedScheduling", "0/1 nodes are available: 1 Insufficient memory.",
+                     "2026-11-20T10:02:00Z"),
+              _event(worker, "FailedScheduling", "0/1 nodes are available: 1 Insufficient cpu.", "2026-11-20T10:01:00Z"),
+              _event("other-pod", "FailedScheduling", "not this one", "2026-11-20T10:01:30Z"),
+              _event(worker, "Created", "the RayCluster's event, not the pod's", "2026-11-20T10:00:00Z",
+                     kind="RayCluster")]
+    report = cluster.scheduling_report(pods, events)
+    assert report.splitlines() == [
+        f"Pod {worker} is Pending, not scheduled (Unschedulable): 0/1 nodes are available: 1 Insufficient memory.",
+        "  2026-11-20T10:01:00Z Warning FailedScheduling: 0/1 nodes are available: 1 Insufficient cpu.",
+        "  2026-11-20T10:02:00Z Warning FailedScheduling: 0/1 nodes are available: 1 Insufficient memory.",
+        "Pod chat-vllm-rayservice-x7k2p-cpu-workers-worker-fghij is Pending, scheduled, containers not started yet",
+        "  (no events)",
+    ]
+
+
+def test_scheduling_report_should_be_empty_when_nothing_is_pending():
+    assert cluster.scheduling_report([_pod("a", "Running", {"status": "True"})], []) == ""

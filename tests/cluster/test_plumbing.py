@@ -151,6 +151,23 @@ def test_a_missing_or_portless_serve_service_should_say_what_is_wrong():
         cluster.serve_port(service)
 
 
+def test_a_wait_that_times_out_should_report_why_pods_stay_pending(monkeypatch):
+    report = "Pod chat-worker-abc is Pending, not scheduled (Unschedulable): 0/1 nodes are available"
+    monkeypatch.setattr(conftest, "pending_pods_report", lambda release: report)
+    never = lambda: cluster.Readiness(False, False, "1 worker pods running")  # noqa: E731
+    with pytest.raises(pytest.fail.Exception) as failure:
+        conftest.wait_until(_release(FakeHelm()), never, timeout=0, what="worker pods did not follow to 2")
+    assert str(failure.value) == f"worker pods did not follow to 2: not ready after 0s: 1 worker pods running\n\n{report}"
+
+
+def test_a_wait_that_times_out_with_nothing_pending_should_say_only_what_it_waited_for(monkeypatch):
+    monkeypatch.setattr(conftest, "pending_pods_report", lambda release: "")
+    never = lambda: cluster.Readiness(False, False, "1 Serve replicas running")  # noqa: E731
+    with pytest.raises(pytest.fail.Exception, match=r"^Serve did not reach 2 running replicas: not ready after 0s: "
+                                                    r"1 Serve replicas running$"):
+        conftest.wait_until(_release(FakeHelm()), never, timeout=0, what="Serve did not reach 2 running replicas")
+
+
 POD_REPORT = "Test pod x-smoke-test: phase Failed\nLog:\nFAIL streaming chat: no data: [DONE]"
 
 

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from tests.cluster.conftest import REPO, port_forward, release_objects, run_helm_test, wait_ready
+from tests.cluster.conftest import REPO, port_forward, release_objects, run_helm_test, wait_ready, wait_until
 from tools import cluster
 
 pytestmark = pytest.mark.cluster
@@ -36,13 +36,6 @@ def _running_workers(release) -> int:
     return sum(1 for pod in pods if pod.obj.get("status", {}).get("phase") == "Running")
 
 
-def _wait(check, timeout: float, what: str) -> None:
-    try:
-        cluster.wait_for(check, timeout=timeout, poll=10, transient=cluster.TRANSIENT_ERRORS)
-    except cluster.WaitTimeout as error:
-        pytest.fail(f"{what}: {error}")
-
-
 def _scale(release, replicas: int, timeout: float) -> None:
     """`helm upgrade --reuse-values --set serving.replicas=N`, then wait for Serve and the workers."""
     release.helm.upgrade(str(REPO), release.name, {"serving": {"replicas": replicas}},
@@ -58,7 +51,7 @@ def _scale(release, replicas: int, timeout: float) -> None:
         return cluster.Readiness(running == replicas, False, f"{running} Serve replicas running: "
                                  f"{details.get('applications', {}).get('llm', {}).get('deployments')}")
 
-    _wait(serve_replicas, timeout, f"Serve did not reach {replicas} running replicas")
+    wait_until(release, serve_replicas, timeout, f"Serve did not reach {replicas} running replicas")
 
     # Ray's autoscaler follows: one model replica per worker pod in the scenarios this suite runs;
     # scale-down waits for the idle timeout.
@@ -66,7 +59,7 @@ def _scale(release, replicas: int, timeout: float) -> None:
         running = _running_workers(release)
         return cluster.Readiness(running == replicas, False, f"{running} worker pods running")
 
-    _wait(workers, timeout, f"worker pods did not follow to {replicas}")
+    wait_until(release, workers, timeout, f"worker pods did not follow to {replicas}")
 
 
 def test_prerequisites_should_be_in_place(prerequisites):
