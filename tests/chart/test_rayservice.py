@@ -294,8 +294,34 @@ class TestScaling:
         assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (0, 2, 4)
 
     def test_should_pack_several_replicas_on_a_multi_gpu_worker(self, render):
-        rendered = render({"workers": {"gpus": 4, "maxReplicas": 1}, "serving": {"replicas": 4}})
+        rendered = render({"workers": {"gpus": 4, "maxReplicas": 1, "resources": {"limits": {"cpu": "4"}}},
+                           "serving": {"replicas": 4}})
         assert _workers(rendered)["replicas"] == 1
+
+    # (worker values, serving.replicas, worker pods the chart starts): a GPU worker holds as many
+    # replicas as its GPUs and the CPUs Ray counts on it allow (KubeRay's num-cpus: the CPU limit,
+    # else the request, rounded up; or workers.rayStartParams.num-cpus).
+    PACKING = [
+        pytest.param({"gpus": 4}, 4, 2, id="4-gpus-but-2-cpus-hold-2-replicas"),
+        pytest.param({"gpus": 4, "resources": {"limits": {"cpu": "8"}}}, 4, 1, id="4-gpus-8-cpus-hold-4"),
+        pytest.param({"gpus": 4, "resources": {"limits": {"cpu": "1500m"}, "requests": {"cpu": "1500m"}}}, 4, 2,
+                     id="cpu-limit-rounded-up-as-kuberay-does"),
+        pytest.param({"gpus": 4, "resources": {"limits": None, "requests": {"cpu": "3"}}}, 4, 2,
+                     id="cpu-request-without-a-limit"),
+        pytest.param({"gpus": 4, "rayStartParams": {"num-cpus": "4"}}, 4, 1, id="num-cpus-from-ray-start-params"),
+        pytest.param({"gpus": 4, "resources": {"limits": None, "requests": None}}, 4, 1, id="no-cpu-bound-known"),
+        pytest.param({"gpus": 3}, 2, 1, id="3-gpus-2-cpus-hold-2"),
+        pytest.param({"gpus": 0, "tolerations": []}, 2, 2, id="cpu-workers-hold-one-each"),
+    ]
+
+    @pytest.mark.parametrize("workers, replicas, pods", PACKING)
+    def test_should_start_the_workers_the_replicas_fill_by_gpus_and_cpus(self, render, workers, replicas, pods):
+        assert _workers(render({"workers": workers, "serving": {"replicas": replicas}}))["replicas"] == pods
+
+    def test_should_count_fractional_replica_cpus_without_rounding_them_away(self, render):
+        rendered = render({"workers": {"gpus": 10, "resources": {"limits": {"cpu": "3"}}},
+                           "serving": {"replicas": 10, "replicaCpus": 0.3}})
+        assert _workers(rendered)["replicas"] == 1  # 3 / 0.3 = 10 replicas on one pod, not 9
 
     def test_should_start_with_at_least_the_minimum_workers(self, render):
         group = _workers(render({"workers": {"minReplicas": 2}, "serving": {"replicas": 1}}))

@@ -162,6 +162,15 @@ def rayservice_events(release: Release) -> list[dict]:
         namespace=release.namespace, field_selector={"involvedObject.name": release.fullname})]
 
 
+def expected_workers(release: Release, replicas: int) -> int:
+    """Worker pods Ray's autoscaler settles on for `replicas` model replicas: the chart's own count
+    for that many (vllm-rayservice.initialWorkers, the replicas packed by GPUs and CPUs per pod, at
+    least workers.minReplicas), not one pod per replica."""
+    values = chart.deep_merge(release.values, {"serving": {"replicas": replicas}})
+    rayservice = chart.render(values, release=release.name, namespace=release.namespace).rayservice()
+    return rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"]
+
+
 def pending_pods_report(release: Release) -> str:
     """The release's Pending pods and their scheduling events, read from the cluster."""
     import pykube

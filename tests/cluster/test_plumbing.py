@@ -168,6 +168,19 @@ def test_a_wait_that_times_out_with_nothing_pending_should_say_only_what_it_wait
         conftest.wait_until(_release(FakeHelm()), never, timeout=0, what="Serve did not reach 2 running replicas")
 
 
+@pytest.mark.parametrize("values, replicas, workers", [
+    (chart.load_values_files([conftest.REPO / "ci" / "05-cpu-kind-values.yaml"]), 2, 2),
+    ({"workers": {"gpus": 2, "resources": {"limits": {"cpu": "4"}}}}, 2, 1),
+    ({"workers": {"gpus": 4}, "engine": {"tensorParallelSize": 2}}, 2, 1),
+    ({"workers": {"gpus": 4, "minReplicas": 2}}, 1, 2),
+], ids=["cpu-kind-one-per-pod", "two-gpus-hold-two", "tensor-parallel-pairs", "at-least-min-replicas"])
+def test_the_scale_step_should_wait_for_the_workers_the_chart_counts(values, replicas, workers):
+    """Not one pod per replica: a worker with more GPUs than a replica needs holds several."""
+    release = conftest.Release(name="vrs-e2e-abc123", fullname="vrs-e2e-abc123-vllm-rayservice", namespace="llm",
+                               values=values, kubeconfig="/dev/null", helm=None, api=None)
+    assert conftest.expected_workers(release, replicas) == workers
+
+
 POD_REPORT = "Test pod x-smoke-test: phase Failed\nLog:\nFAIL streaming chat: no data: [DONE]"
 
 

@@ -7,7 +7,8 @@ import urllib.request
 
 import pytest
 
-from tests.cluster.conftest import REPO, port_forward, release_objects, run_helm_test, wait_ready, wait_until
+from tests.cluster.conftest import (REPO, expected_workers, port_forward, release_objects, run_helm_test, wait_ready,
+                                   wait_until)
 from tools import cluster
 
 pytestmark = pytest.mark.cluster
@@ -53,13 +54,15 @@ def _scale(release, replicas: int, timeout: float) -> None:
 
     wait_until(release, serve_replicas, timeout, f"Serve did not reach {replicas} running replicas")
 
-    # Ray's autoscaler follows: one model replica per worker pod in the scenarios this suite runs;
-    # scale-down waits for the idle timeout.
+    # Ray's autoscaler follows with as many worker pods as the replicas fill (several share a
+    # multi-GPU pod); scale-down waits for the idle timeout.
+    expected = expected_workers(release, replicas)
+
     def workers():
         running = _running_workers(release)
-        return cluster.Readiness(running == replicas, False, f"{running} worker pods running")
+        return cluster.Readiness(running == expected, False, f"{running} worker pods running")
 
-    wait_until(release, workers, timeout, f"worker pods did not follow to {replicas}")
+    wait_until(release, workers, timeout, f"worker pods did not follow to {expected} for {replicas} replicas")
 
 
 def test_prerequisites_should_be_in_place(prerequisites):
