@@ -33,6 +33,7 @@ class Release:
     helm: object  # helm_python.Config
     api: object  # pykube.HTTPClient
     serve_service_name: str = ""  # the Service in front of Serve (tools.cluster.serving_service_name)
+    uninstalled: bool = False  # set by uninstall(): the release is gone, Helm must not be asked again
 
     def rayservice(self) -> dict | None:
         return get_object(self.api, "ray.io/v1", "RayService", self.namespace, self.fullname)
@@ -220,16 +221,24 @@ def release(prerequisites, kubeconfig, kube_api, pytestconfig):
     yield from installed(subject, pytestconfig.getoption("cluster_ready_timeout"))
 
 
+def uninstall(release: Release) -> None:
+    """`helm uninstall`, remembered: the teardown then leaves the release alone."""
+    release.helm.uninstall(release.name, timeout=300)
+    release.uninstalled = True
+
+
 def installed(release: Release, ready_timeout: float):
     """Install, wait until ready, hand the release to the tests, then uninstall it whatever happened:
     also when the install itself fails, since a release Helm records as failed still holds objects.
-    The uninstall test checks the result when it runs."""
+    The uninstall test checks the result when it runs; after it, the teardown does not uninstall a
+    second time (helm-c has crashed on a release that was already gone)."""
     try:
         release.helm.install(str(REPO), release.name, release.values, namespace=release.namespace, timeout=300)
         wait_ready(release, ready_timeout)
         yield release
     finally:
-        release.helm.uninstall(release.name, ignore_not_found=True, timeout=300)
+        if not release.uninstalled:
+            release.helm.uninstall(release.name, ignore_not_found=True, timeout=300)
         delete_test_pods(release.api, release.namespace, release.name)
 
 

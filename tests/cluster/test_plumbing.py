@@ -73,6 +73,33 @@ def test_a_ready_release_should_be_uninstalled_after_the_tests(monkeypatch):
     assert helm.calls[-1] == ("uninstall", "vrs-e2e-abc123")
 
 
+def test_a_release_the_uninstall_test_removed_should_not_be_uninstalled_again(monkeypatch):
+    deleted = []
+    monkeypatch.setattr(conftest, "delete_test_pods", lambda api, namespace, name: deleted.append(name))
+    monkeypatch.setattr(conftest, "wait_ready", lambda release, timeout: None)
+    helm = FakeHelm()
+    lifecycle = conftest.installed(_release(helm), ready_timeout=1)
+    conftest.uninstall(next(lifecycle))  # what the uninstall test does
+    with pytest.raises(StopIteration):
+        next(lifecycle)
+    assert helm.calls == [("install", "vrs-e2e-abc123"), ("uninstall", "vrs-e2e-abc123")]
+    assert deleted == ["vrs-e2e-abc123"]  # a failed test hook's pod is still cleaned up
+
+
+def test_a_failed_uninstall_test_should_leave_the_uninstall_to_the_teardown(monkeypatch):
+    import helm_python
+
+    monkeypatch.setattr(conftest, "delete_test_pods", lambda api, namespace, name: None)
+    monkeypatch.setattr(conftest, "wait_ready", lambda release, timeout: None)
+    helm = FakeHelm(uninstall=helm_python.HelmReleaseError("timed out waiting for the condition"))
+    lifecycle = conftest.installed(_release(helm), ready_timeout=1)
+    with pytest.raises(helm_python.HelmReleaseError):
+        conftest.uninstall(next(lifecycle))
+    with pytest.raises(helm_python.HelmReleaseError):
+        next(lifecycle)  # the teardown tries again
+    assert helm.calls.count(("uninstall", "vrs-e2e-abc123")) == 2
+
+
 def test_dashboard_hiccups_should_count_as_not_yet():
     """One 503 while Serve reconfigures, a refused connection, a port-forward that died with its
     pod: the scale step keeps polling instead of failing."""

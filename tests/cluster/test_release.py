@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 
-from tests.cluster.conftest import (REPO, expected_workers, port_forward, release_objects, run_helm_test, wait_ready,
-                                   wait_until)
+from tests.cluster.conftest import (REPO, expected_workers, port_forward, release_objects, run_helm_test, uninstall,
+                                   wait_ready, wait_until)
 from tools import cluster
 
 pytestmark = pytest.mark.cluster
@@ -97,7 +97,7 @@ def test_helm_test_should_pass(release):
 
 
 def test_uninstall_should_remove_the_releases_objects(release):
-    release.helm.uninstall(release.name, timeout=300)
+    uninstall(release)
     deadline = time.monotonic() + 600
     while (left := release_objects(release.api, release.namespace, release.name)):
         if time.monotonic() > deadline:
