@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -261,6 +262,25 @@ def scheduling_report(pods: Iterable[dict], events: Iterable[dict], events_per_p
         if not own:
             parts.append("  (no events)")
     return "\n".join(parts)
+
+
+# The label both of KubeRay's installs put on the operator's pod: the kuberay-operator Helm chart
+# (component: the chart name) and the kustomize manifests (ray-operator/config/manager).
+OPERATOR_SELECTOR = {"app.kubernetes.io/component": "kuberay-operator"}
+
+
+def operator_version(pods: Iterable[dict]) -> tuple[str, Optional[str]]:
+    """The KubeRay operator's image and its version ("1.4.2", from the tag "v1.4.2"), from the
+    operator's pods; the version is None when the tag is no release (latest, a digest, a fork's)."""
+    images = sorted({container.get("image", "") for pod in pods
+                     for container in pod.get("spec", {}).get("containers", [])
+                     if container.get("name") == "kuberay-operator" or "kuberay" in container.get("image", "")})
+    if not images:
+        return "not found", None
+    image = images[-1] if len(images) == 1 else ", ".join(images)
+    tag = images[-1].rsplit("/", 1)[-1].partition("@")[0].partition(":")[2]
+    match = re.fullmatch(r"v?(\d+\.\d+\.\d+)", tag)
+    return image, (match.group(1) if match and len(images) == 1 else None)
 
 
 def is_hook(obj: dict) -> bool:

@@ -135,9 +135,22 @@ def prerequisites(kubeconfig, kube_api, pytestconfig) -> dict:
                     "or pass --cluster-namespace")
     if shutil.which("kubectl") is None:
         pytest.fail("kubectl is not on PATH: the suite port-forwards with it. Install kubectl.")
-    operator_version = crd["metadata"].get("annotations", {}).get("controller-gen.kubebuilder.io/version", "?")
+    operator_image, operator_version = find_operator(kube_api)
     return {"kubernetes": version, "crd_versions": [v["name"] for v in crd["spec"]["versions"]],
-            "crd_controller_gen": operator_version, "namespace": namespace}
+            "operator_image": operator_image, "operator_version": operator_version, "namespace": namespace}
+
+
+def find_operator(api) -> tuple[str, str | None]:
+    """The KubeRay operator's image and version, from its pods in any namespace. Optional: a user
+    who may not list pods cluster-wide gets "unknown" and the chart's cluster.kuberayVersion."""
+    import pykube
+
+    try:
+        pods = [pod.obj for pod in pykube.Pod.objects(api).filter(namespace=pykube.all,
+                                                                    selector=cluster.OPERATOR_SELECTOR)]
+    except Exception as error:  # 403 for a namespace-limited user; nothing else depends on it
+        return f"unknown ({cluster.explain_api_error(error, 'list pods in all namespaces')})", None
+    return cluster.operator_version(pods)
 
 
 def _failure_report(api, namespace, release_name, rayservice) -> str:
@@ -212,6 +225,7 @@ def release(prerequisites, kubeconfig, kube_api, pytestconfig):
         values = chart.deep_merge(values, helm_python.parse_set_string(expression))
     values = chart.deep_merge(values, {"serving": {"replicas": 1, "autoscaling": {"enabled": False}},
                                        "workers": {"maxReplicas": max(2, values.get("workers", {}).get("maxReplicas", 2))}})
+    values = with_operator_version(values, prerequisites["operator_version"])
     name = f"vrs-e2e-{uuid.uuid4().hex[:6]}"
     helm = helm_python.Config(kubeconfig_path=kubeconfig, namespace=namespace)
     rendered = chart.render(values, release=name, namespace=namespace)
@@ -225,6 +239,13 @@ def uninstall(release: Release) -> None:
     """`helm uninstall`, remembered: the teardown then leaves the release alone."""
     release.helm.uninstall(release.name, timeout=300)
     release.uninstalled = True
+
+
+def with_operator_version(values: dict, operator_version: str | None) -> dict:
+    """Tell the chart which KubeRay runs (cluster.kuberayVersion), unless the user's values do."""
+    if operator_version is None or "kuberayVersion" in values.get("cluster", {}):
+        return values
+    return chart.deep_merge(values, {"cluster": {"kuberayVersion": operator_version}})
 
 
 def installed(release: Release, ready_timeout: float):

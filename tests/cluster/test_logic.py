@@ -166,3 +166,29 @@ def test_scheduling_report_should_say_why_each_pending_pod_is_not_placed():
 
 def test_scheduling_report_should_be_empty_when_nothing_is_pending():
     assert cluster.scheduling_report([_pod("a", "Running", {"status": "True"})], []) == ""
+
+
+def _operator_pod(image, name="kuberay-operator"):
+    return {"kind": "Pod", "metadata": {"name": "kuberay-operator-5d8f7c9b6-x2x4z",
+                                        "labels": dict(cluster.OPERATOR_SELECTOR)},
+            "spec": {"containers": [{"name": name, "image": image}]}}
+
+
+@pytest.mark.parametrize("image, version", [
+    ("quay.io/kuberay/operator:v1.4.2", "1.4.2"),  # the kuberay-operator Helm chart
+    ("kuberay/operator:v1.7.0", "1.7.0"),
+    ("registry.local:5000/kuberay/operator:1.6.1", "1.6.1"),  # a registry with a port
+    ("quay.io/kuberay/operator:latest", None),
+    ("quay.io/kuberay/operator@sha256:" + "a" * 64, None),
+    ("quay.io/kuberay/operator:v1.5.0-rc.1", None),
+])
+def test_operator_version_should_come_from_the_operators_image_tag(image, version):
+    """Not the CRD's controller-gen annotation, which is the code generator's version."""
+    assert cluster.operator_version([_operator_pod(image)]) == (image, version)
+
+
+def test_operator_version_should_say_when_no_operator_pod_is_found_or_two_disagree():
+    assert cluster.operator_version([]) == ("not found", None)
+    image, version = cluster.operator_version([_operator_pod("kuberay/operator:v1.4.2"),
+                                               _operator_pod("kuberay/operator:v1.7.0")])
+    assert image == "kuberay/operator:v1.4.2, kuberay/operator:v1.7.0" and version is None

@@ -208,6 +208,32 @@ def test_the_scale_step_should_wait_for_the_workers_the_chart_counts(values, rep
     assert conftest.expected_workers(release, replicas) == workers
 
 
+def test_the_release_should_tell_the_chart_the_operator_version_found_unless_the_values_do():
+    values = {"serving": {"replicas": 1}}
+    assert conftest.with_operator_version(values, "1.7.0") == {"serving": {"replicas": 1},
+                                                                "cluster": {"kuberayVersion": "1.7.0"}}
+    assert conftest.with_operator_version(values, None) == values
+    mine = {"cluster": {"kuberayVersion": "1.6.0"}}
+    assert conftest.with_operator_version(mine, "1.7.0") == mine
+
+
+def test_an_operator_the_user_may_not_list_should_be_reported_as_unknown(monkeypatch):
+    import pykube
+
+    class Forbidden(Exception):
+        code = 403
+
+    class Query:
+        def filter(self, **kwargs):
+            assert kwargs == {"namespace": pykube.all, "selector": cluster.OPERATOR_SELECTOR}
+            raise Forbidden("pods is forbidden")
+
+    monkeypatch.setattr(pykube.Pod, "objects", classmethod(lambda cls, api: Query()))
+    image, version = conftest.find_operator(api=None)
+    assert image.startswith("unknown (403 Forbidden: the kubeconfig's user may not list pods in all namespaces")
+    assert version is None
+
+
 POD_REPORT = "Test pod x-smoke-test: phase Failed\nLog:\nFAIL streaming chat: no data: [DONE]"
 
 

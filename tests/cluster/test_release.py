@@ -67,7 +67,8 @@ def _scale(release, replicas: int, timeout: float) -> None:
 
 def test_prerequisites_should_be_in_place(prerequisites):
     assert "v1" in prerequisites["crd_versions"]
-    print(f"Kubernetes {prerequisites['kubernetes']}, RayService CRD versions {prerequisites['crd_versions']}")
+    print(f"Kubernetes {prerequisites['kubernetes']}, KubeRay operator {prerequisites['operator_image']}, "
+          f"RayService CRD versions {prerequisites['crd_versions']}")
 
 
 def test_endpoint_should_serve_openai_clients(release):
