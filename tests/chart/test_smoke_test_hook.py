@@ -89,3 +89,9 @@ class TestNotes:
         assert "What this upgrade does" in notes
         assert "second Ray cluster" in notes and "in place" in notes
         assert "KubeRay updates the serve Service only when it switches to a new" in notes
+        assert "workers.minReplicas / workers.maxReplicas: KubeRay ignores these" in notes
+
+    def test_should_warn_that_kuberay_1_1_rebuilds_the_cluster_for_worker_bounds(self):
+        """KubeRay 1.1's change hash leaves out only replicas and workersToDelete."""
+        notes = self._notes({"cluster": {"kuberayVersion": "1.1.1"}}, upgrade=True)
+        assert "workers.minReplicas / workers.maxReplicas: KubeRay 1.1.1 builds a whole new Ray" in notes
