@@ -206,8 +206,10 @@ def peak_requests(rayservice: dict, workers: int) -> dict[str, tuple[float, floa
     cluster_config = rayservice["spec"]["rayClusterConfig"]
 
     def requests(resources: dict) -> tuple[float, float]:
-        asked = resources.get("requests") or resources.get("limits") or {}
-        return quantity(asked.get("cpu", 0)), quantity(asked.get("memory", 0), memory=True) / 2**30
+        # Kubernetes takes a resource's limit as its request when only the limit is set.
+        def asked(name):
+            return (resources.get("requests") or {}).get(name, (resources.get("limits") or {}).get(name, 0))
+        return quantity(asked("cpu")), quantity(asked("memory"), memory=True) / 2**30
 
     [head] = cluster_config["headGroupSpec"]["template"]["spec"]["containers"]
     [worker] = cluster_config["workerGroupSpecs"][0]["template"]["spec"]["containers"]
