@@ -72,6 +72,32 @@ def free_port() -> int:
     raise LocalServeError(f"no free port in {FREE_PORTS.start}-{FREE_PORTS.stop - 1} on 127.0.0.1")
 
 
+def direct_ingress_ports(block: int = 50) -> dict:
+    """Serve's direct-ingress port ranges for one local Ray: a block of `block` ports of 30000-30999
+    (HTTP) and the same block of 40000-40999 (gRPC) that nothing holds now. Every local Ray
+    otherwise starts its replicas' HTTP servers at 30000, and they bind with SO_REUSEPORT: a second
+    local Ray on the machine (the CLI test beside the app tests' server) then shares port 30000
+    with the first, and the kernel hands its requests to either (seen: a 401 from the other app)."""
+    def all_free(ports) -> bool:
+        for port in ports:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    return False
+        return True
+
+    for start in random.sample(range(30000, 31000, block), 1000 // block):
+        if start not in _handed_out and all_free(range(start, start + block)) \
+                and all_free(range(start + 10000, start + 10000 + block)):
+            _handed_out.add(start)
+            return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(start),
+                    "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(start + block - 1),
+                    "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(start + 10000),
+                    "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(start + 10000 + block - 1)}
+    raise LocalServeError("no free block of ports in 30000-30999 for Serve's direct ingress")
+
+
 def vllm_environment() -> dict:
     """Environment every local vLLM process gets: caches inside the tree, no usage reporting, and
     a bounded KV cache (vLLM's CPU backend otherwise reserves most of the RAM)."""
@@ -124,7 +150,8 @@ class LocalServe:
             # HAProxy's stats and metrics ports: free ones, so local runs side by side don't clash.
             # Ray 2.60 binds them on all interfaces; nothing here sends traffic to them.
             self.ingress_env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
-                                    RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()))
+                                    RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
+                                    **direct_ingress_ports())
         self.api_key = api_key
         self.dashboard_port = dashboard_port
         self.num_cpus = num_cpus
