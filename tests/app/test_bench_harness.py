@@ -101,6 +101,15 @@ def test_all_servers_should_get_the_same_engine_arguments(server):
     assert "--enforce-eager" in command and command[command.index("--host") + 1] == "127.0.0.1"
 
 
+def test_vllms_command_line_should_take_each_adapter_as_a_json_item():
+    import json
+
+    adapters = [{"name": "a", "path": "/adapters/a"}, {"name": "b", "path": "/adapters/b"}]
+    command = servers.vllm_server_command({"enable_lora": True, "lora_modules": adapters}, 8123)
+    at = command.index("--lora-modules")
+    assert [json.loads(item) for item in command[at + 1:at + 3]] == adapters and "--enable-lora" in command
+
+
 def test_app_b_should_serve_the_edited_file_with_the_hash_the_replica_waits_for(tmp_path):
     import hashlib
 
