@@ -308,7 +308,7 @@ def main(argv=None) -> int:
         model = str(tiny_model.build(serve_local.DEMO_MODEL_DIR))
         extra_env["HF_HUB_OFFLINE"] = "1"
         if args.tiny_adapters:
-            overrides = tiny_adapter_values(Path(model), out / "lora", args.tiny_adapters)
+            overrides = tiny_adapter_values(Path(model), out.resolve() / "lora", args.tiny_adapters)
     config, _ = serve_local.local_serve_config(args.values or [serve_local.DEFAULT_VALUES], model=model,
                                                port=serve_local.free_port(), values=overrides)
     config_b = None
