@@ -297,6 +297,7 @@ def _vllm_internals():
             validate_parsed_serve_args,
         )
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+        from vllm.lora.resolver import LoRAResolverRegistry
         from vllm.usage.usage_lib import UsageContext
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -313,7 +314,8 @@ def _vllm_internals():
                 build_vllm_app=build_vllm_app, FrontendArgs=FrontendArgs, make_arg_parser=make_arg_parser,
                 validate_parsed_serve_args=validate_parsed_serve_args, UsageContext=UsageContext,
                 FlexibleArgumentParser=FlexibleArgumentParser, AsyncLLM=AsyncLLM,
-                RayPrometheusStatLogger=RayPrometheusStatLogger, LoadLoRAAdapterRequest=LoadLoRAAdapterRequest)
+                RayPrometheusStatLogger=RayPrometheusStatLogger, LoadLoRAAdapterRequest=LoadLoRAAdapterRequest,
+                LoRAResolverRegistry=LoRAResolverRegistry)
 
 
 def check_vllm_argument_names(args: AppArgs) -> None:
@@ -345,6 +347,8 @@ def vllm_server_args(args: AppArgs):
                            "adapters volume (lora.volume) is mounted.")
     os.environ.update(environment)
     parser = vllm["make_arg_parser"](vllm["FlexibleArgumentParser"]())
+    if environment:
+        _hold_resolver_to_adapter_names(vllm["LoRAResolverRegistry"])
     namespace = parser.parse_args([])
     # Arguments that hold a config object (e.g. structured_outputs_config) take JSON on vLLM's
     # command line; a map from values goes through the same parser, so it is checked the same way.
@@ -398,6 +402,36 @@ async def start_vllm_server(args: AppArgs):
 
 class _NoServer:
     should_exit = False
+
+
+# The name vLLM 0.29's filesystem resolver plugin registers under.
+FILESYSTEM_RESOLVER = "Filesystem Resolver"
+
+
+def _hold_resolver_to_adapter_names(registry) -> None:
+    """Let vLLM's filesystem resolver look only for names values would accept (ADAPTER_NAME).
+
+    It joins the requested `model` to its folder as it is: "../x" or "/x" would load an adapter from
+    outside the adapters volume, and "a/." or "./a" would load the same adapter again under endless
+    names, each one more entry in /v1/models and one more metrics label. Other names get vLLM's 404.
+    """
+    try:
+        resolver = registry.get_resolver(FILESYSTEM_RESOLVER)
+    except KeyError:
+        raise RuntimeError(f"lora.loadOnFirstUse needs vLLM's {FILESYSTEM_RESOLVER!r}, which vLLM "
+                           f"{VLLM_VERSION_TESTED} registers from its lora_filesystem_resolver plugin; it is "
+                           "not registered (README, \"Versions\").") from None
+    if getattr(resolver, "held_to_adapter_names", False):
+        return
+    resolve_lora = resolver.resolve_lora
+
+    async def resolve_adapter_names_only(base_model_name: str, lora_name: str):
+        if not re.fullmatch(ADAPTER_NAME, lora_name or ""):
+            return None
+        return await resolve_lora(base_model_name, lora_name)
+
+    resolver.resolve_lora = resolve_adapter_names_only
+    resolver.held_to_adapter_names = True
 
 
 async def load_lora_adapters(app, adapters) -> dict[str, str]:

@@ -195,6 +195,41 @@ class TestLoraContract:
         with pytest.raises(RuntimeError, match="lora.folder .* check that the adapters volume"):
             vllm_app.vllm_server_args(args)
 
+    @pytest.mark.parametrize("name, looked_up", [
+        ("sql", True), ("team.bot:v2", True), ("../sql", False), ("/etc/sql", False), ("sql/.", False),
+        ("./sql", False), ("", False), ("a" * 129, False)])
+    def test_the_resolver_should_look_only_for_names_values_accept(self, name, looked_up):
+        """vLLM's filesystem resolver joins the name to its folder as it is."""
+        import asyncio
+
+        asked = []
+
+        class Resolver:
+            async def resolve_lora(self, base_model_name, lora_name):
+                asked.append(lora_name)
+                return "a LoRARequest"
+
+        class Registry:
+            resolver = Resolver()
+
+            def get_resolver(self, name):
+                assert name == "Filesystem Resolver"
+                return self.resolver
+
+        registry = Registry()
+        vllm_app._hold_resolver_to_adapter_names(registry)
+        vllm_app._hold_resolver_to_adapter_names(registry)  # once only, however often called
+        found = asyncio.run(registry.resolver.resolve_lora("org/model", name))
+        assert (found is not None, asked) == (looked_up, [name] if looked_up else [])
+
+    def test_a_vllm_without_the_filesystem_resolver_should_fail_naming_it(self):
+        class Registry:
+            def get_resolver(self, name):
+                raise KeyError(name)
+
+        with pytest.raises(RuntimeError, match="loadOnFirstUse needs vLLM's 'Filesystem Resolver'"):
+            vllm_app._hold_resolver_to_adapter_names(Registry())
+
     def test_load_and_unload_routes_should_stay_closed_when_vllm_mounts_them(self, monkeypatch):
         """loadOnFirstUse turns vLLM's runtime LoRA updating on, which mounts its admin routes."""
         monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")

@@ -185,6 +185,16 @@ def test_an_unknown_adapter_should_get_vllms_404(http):
     assert error["message"] == "The model `no-such-adapter` does not exist.", error
 
 
+@pytest.mark.parametrize("name", [f"../{{}}/{GOOD[0]}", f"{GOOD[0]}/.", "./" + GOOD[0], "{}/" + GOOD[0]])
+def test_the_resolver_should_not_take_a_path_for_a_name(http, adapters_dir, name):
+    """vLLM's own server would load these (its resolver joins the name to the folder): the same
+    adapter again under another name, or one from outside the volume."""
+    name = name.format(adapters_dir.name) if name.startswith("../") else name.format(adapters_dir)
+    error = assert_openai_error(http.post("/v1/chat/completions", json={"model": name, "messages": HELLO}), 404)
+    assert error["message"] == f"The model `{name}` does not exist.", error
+    assert name not in models(http)
+
+
 @pytest.mark.parametrize("route", ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"])
 def test_vllms_adapter_admin_routes_should_stay_closed(http, adapters_dir, route):
     """Runtime LoRA updating is on (loadOnFirstUse), so vLLM mounts them: the gate does not pass them."""
