@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -81,7 +80,7 @@ def app_variant(serve_config: dict, extra_env: dict, app_file: Path, folder: Pat
     shutil.copyfile(app_file, files / "vllm_app.py")
     serve_config = copy.deepcopy(serve_config)
     serve_config["applications"][0]["runtime_env"]["env_vars"]["VLLM_APP_SHA256"] = \
-        hashlib.sha256((files / "vllm_app.py").read_bytes()).hexdigest()
+        vllm_app.code_digest(files)
     return serve_config, {**extra_env, "PYTHONPATH": str(files)}
 
 

@@ -7,7 +7,7 @@ tools, structured output, logprobs, /tokenize, /v1/responses, ...) is vLLM's fro
 top to bottom:
 
   1. the args contract (AppArgs)          4. the gate: routes, API key, request id, log line
-  2. vLLM's frontend (the only section    5. the code-hash wait
+  2. vLLM's frontend (the only section    5. the code-hash wait and the engine watchdog
      that touches vLLM's internals)       6. the deployment
   3. usage accounting                     7. build_app
 
@@ -41,6 +41,8 @@ logger = logging.getLogger("ray.serve")
 
 # The serveConfigV2 env var holding the sha256 of this file, set by the chart (see section 5).
 CODE_HASH_ENV = "VLLM_APP_SHA256"
+# How every error that stops the app from starting begins, in the log and in Serve's status.
+START_FAILED = "vllm_app cannot start:"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +111,10 @@ class ServingArgs(_Args):
     # while the app runs. With neither set: no auth.
     api_keys_dir: Optional[str] = None
     log_prompts: bool = False
+    # A generation at replica start, before the replica takes traffic (section 6).
+    warmup: bool = True
+    # The watchdog's threshold: seconds without an engine step while requests wait (section 6).
+    engine_stall_seconds: float = Field(default=60, gt=0)
 
     empty_is_unset = field_validator("api_key_env", "api_keys_dir", mode="before")(_empty_is_unset)
 
@@ -170,6 +176,9 @@ class AppArgs(_Args):
         return self
 
 
+# vLLM imports this in each worker process (a worker_extension_cls); its import is the set-up.
+WORKER_SETUP = "vllm_app_worker.WorkerSetup"
+
 # Frontend arguments the app decides itself: setting them would bypass what section 4 guarantees.
 OWNED_FRONTEND_ARGS = {
     "api_key": "set the chart value serving.apiKey instead",
@@ -194,6 +203,8 @@ def vllm_engine_settings(args: AppArgs) -> dict:
         "enforce_eager": engine.enforce_eager,
         "stream_interval": engine.stream_interval,
         "reasoning_parser": args.openai.reasoning_parser or "",
+        # Set-up inside each of vLLM's worker processes (vllm_app_worker.py: AMX tiles on Intel CPUs).
+        "worker_extension_cls": WORKER_SETUP,
     }
     if engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
         # The replica actor holds all of its GPUs on one pod (the chart enforces it), so vLLM's
@@ -301,6 +312,7 @@ def _vllm_internals():
         from vllm.usage.usage_lib import UsageContext
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import StatLoggerBase
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
     except (ImportError, AttributeError) as error:
         raise RuntimeError(
@@ -314,8 +326,8 @@ def _vllm_internals():
                 build_vllm_app=build_vllm_app, FrontendArgs=FrontendArgs, make_arg_parser=make_arg_parser,
                 validate_parsed_serve_args=validate_parsed_serve_args, UsageContext=UsageContext,
                 FlexibleArgumentParser=FlexibleArgumentParser, AsyncLLM=AsyncLLM,
-                RayPrometheusStatLogger=RayPrometheusStatLogger, LoadLoRAAdapterRequest=LoadLoRAAdapterRequest,
-                LoRAResolverRegistry=LoRAResolverRegistry)
+                RayPrometheusStatLogger=RayPrometheusStatLogger, StatLoggerBase=StatLoggerBase,
+                LoadLoRAAdapterRequest=LoadLoRAAdapterRequest, LoRAResolverRegistry=LoRAResolverRegistry)
 
 
 def check_vllm_argument_names(args: AppArgs) -> None:
@@ -356,32 +368,76 @@ def vllm_server_args(args: AppArgs):
     option = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
     for name, value in vllm_server_settings(args).items():
         if isinstance(value, dict) and name in parse_json:
-            value = parse_json[name](json.dumps(value))
+            try:
+                value = parse_json[name](json.dumps(value))
+            except Exception as error:
+                raise SettingError(f"{_chart_key(args, name)}: vLLM says: {_one_line(error)}") from error
         elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
             # A list of objects (lora_modules) takes one JSON item each on the command line.
             value = getattr(parser.parse_args([option[name], *map(json.dumps, value)]), name)
         setattr(namespace, name, value)
-    vllm["validate_parsed_serve_args"](namespace)
+    try:
+        vllm["validate_parsed_serve_args"](namespace)
+    except (TypeError, ValueError) as error:
+        raise SettingError(f"vLLM rejects the engine/openai values: {_one_line(error)}") from error
     return namespace
 
 
-async def start_vllm_server(args: AppArgs):
+class SettingError(ValueError):
+    """A chart value vLLM refuses; its message names the value and gives vLLM's reason on one line."""
+
+
+def _chart_key(args: AppArgs, name: str) -> str:
+    """The chart value that set vLLM's argument `name`."""
+    if name in args.engine.extra_args:
+        return f"engine.extraArgs.{name}"
+    if name in args.openai.extra_args:
+        return f"openai.extraArgs.{name}"
+    return f"the value behind vLLM's {name}"
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line, without pydantic's links to its docs."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.strip().startswith("For further information")]
+    return " ".join(lines) or type(error).__name__
+
+
+def model_path_problem(args: AppArgs) -> Optional[str]:
+    """A model given as a local path that is not there (vLLM would take it for a hub id and say
+    something about repo names)."""
+    model = args.model.id
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
+        return (f"model.id is {model}, but this pod has no folder there: check the model volume "
+                "(modelCache / extraVolumes) or give a Hugging Face model id")
+    return None
+
+
+async def start_vllm_server(args: AppArgs, on_step=None):
     """vLLM's engine and its OpenAI FastAPI app over it, as `vllm serve` builds them.
 
     Returns (engine, app). The engine is created with the OpenAI-server usage context (on GPUs vLLM
     picks its server defaults, e.g. a larger max_num_seqs) and reports its statistics through
     Ray's metrics export, so they appear on every pod's Ray metrics port as `ray_vllm_*`.
+    `on_step(requests)` is called at every engine step (the watchdog's heartbeat, see _engine_steps).
     """
     vllm = _vllm_internals()
     namespace = vllm_server_args(args)
+    if namespace.worker_extension_cls != WORKER_SETUP:
+        logger.warning("engine.extraArgs.worker_extension_cls replaces %s: on Intel CPUs with AMX, vLLM's CPU "
+                       "workers may then die with SIGILL on a short first prompt (README, Troubleshooting)",
+                       WORKER_SETUP)
     # from_cli_args also completes objects the namespace shares (e.g. the structured-output
     # config's reasoning parser), exactly as in `vllm serve`.
     engine_args = vllm["AsyncEngineArgs"].from_cli_args(namespace)
     usage_context = vllm["UsageContext"].OPENAI_API_SERVER
     config = engine_args.create_engine_config(usage_context=usage_context)
     engine_class = _metered(vllm["AsyncLLM"])
+    stat_loggers = [vllm["RayPrometheusStatLogger"]]
+    if on_step is not None:
+        stat_loggers.append(_engine_steps(vllm["StatLoggerBase"], on_step))
     engine = engine_class.from_vllm_config(
-        config, usage_context=usage_context, stat_loggers=[vllm["RayPrometheusStatLogger"]],
+        config, usage_context=usage_context, stat_loggers=stat_loggers,
         enable_log_requests=False, disable_log_stats=False)
     try:
         tasks = await engine.get_supported_tasks()
@@ -402,6 +458,62 @@ async def start_vllm_server(args: AppArgs):
 
 class _NoServer:
     should_exit = False
+
+
+def _engine_steps(stat_logger_base, on_step):
+    """A vLLM stat logger class whose only job is to call on_step(requests) at every engine step,
+    with the requests the engine itself holds (running and waiting) after that step.
+
+    vLLM's engine attaches its scheduler statistics to every step's output, a step that yields no
+    token included (e.g. one chunk of a long prefill), and the frontend hands them to each stat
+    logger as they arrive: one record() per engine iteration, in the replica's event loop.
+    """
+
+    class EngineSteps(stat_logger_base):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is not None:
+                on_step(scheduler_stats.num_running_reqs + scheduler_stats.num_waiting_reqs)
+
+        def log_engine_initialized(self):
+            pass
+
+    return EngineSteps
+
+
+async def warm_up(engine, tasks) -> float:
+    """One short greedy generation through the engine, before the replica takes traffic. Returns
+    its seconds.
+
+    Lazy initialisation (kernels, allocator pools, the first batch's shapes) is then paid here,
+    not by the first user; and a 2-token prompt is the shape that once killed vLLM's CPU worker
+    on Intel AMX CPUs (vllm_app_worker.py), so an engine that cannot serve it fails its start, with
+    a message, instead of answering 500 to its first user.
+    """
+    if "generate" not in tasks:
+        return 0.0  # a pooling model: no generation to warm up
+    from vllm import SamplingParams
+
+    started = time.monotonic()
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    async for _ in engine.generate({"prompt_token_ids": [1, 2]}, params, f"warmup-{uuid.uuid4().hex}"):
+        pass
+    return time.monotonic() - started
+
+
+def kill_engine_processes() -> list[int]:
+    """SIGKILL vLLM's engine processes (every child of this replica process: the EngineCore and its
+    workers). SIGKILL also ends a stopped process, which SIGTERM would not. Returns their pids."""
+    import psutil
+
+    killed = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+            killed.append(process.pid)
+    return killed
 
 
 # The name vLLM 0.29's filesystem resolver plugin registers under.
@@ -813,8 +925,20 @@ def _api_keys(serving: ServingArgs) -> APIKeys:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The code-hash wait.
+# 5. The code-hash wait, and the engine watchdog.
 # ---------------------------------------------------------------------------------------------
+
+# The app's files, as the chart ships them in its ConfigMap and hashes them into serveConfigV2.
+APP_FILES = "vllm_app*.py"
+
+
+def code_digest(folder: Path) -> str:
+    """The sha256 of the app's files (APP_FILES, in name order, one after the other), as the chart
+    renders it into serveConfigV2."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob(APP_FILES)):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _wait_for_current_code(path: Optional[Path] = None, timeout_s: float = 300, poll_s: float = 2) -> bool:
@@ -827,17 +951,73 @@ def _wait_for_current_code(path: Optional[Path] = None, timeout_s: float = 300, 
     and leave the app DEPLOY_FAILED.
     """
     expected = os.environ.get(CODE_HASH_ENV)
-    path = path or Path(__file__)
-    if not expected or hashlib.sha256(path.read_bytes()).hexdigest() == expected:
+    folder = (path or Path(__file__)).parent
+    if not expected or code_digest(folder) == expected:
         return True
-    logger.warning("%s is not the version the Serve config expects yet; waiting for the ConfigMap update", path)
+    logger.warning("The app in %s is not the version the Serve config expects yet; waiting for the ConfigMap "
+                   "update", folder)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         time.sleep(poll_s)
-        if hashlib.sha256(path.read_bytes()).hexdigest() == expected:
+        if code_digest(folder) == expected:
             return False
-    raise RuntimeError(f"{path} still does not have sha256 {expected} after {timeout_s:.0f}s: the app "
-                       "ConfigMap has not reached this pod. Check that it is mounted without subPath.")
+    raise RuntimeError(f"The app's files in {folder} still do not have sha256 {expected} after {timeout_s:.0f}s: "
+                       "the app ConfigMap has not reached this pod. Check that it is mounted without subPath.")
+
+
+class EngineWatchdog:
+    """Notices an engine that holds requests but makes no progress (hung, not dead: e.g. a stopped
+    or deadlocked EngineCore), which vLLM's own health check does not see: it only asks whether
+    the engine process is alive.
+
+    Progress is an engine step (vLLM's stat-logger hook, see _engine_steps), not an output token,
+    so a long prefill that takes many steps is progress. The engine owes a step when its last step
+    left it holding requests (its own count, running and waiting), or when the frontend gave it new
+    requests since that step. The frontend's count alone is not the test: a request the engine has
+    finished can stay counted there while its client's stream drains (seen with a client that
+    stopped reading), and an idle engine makes no steps. When the engine owes a step for `stall_s`
+    seconds, the watchdog kills the engine's processes: vLLM then ends every request in flight with
+    its engine-dead error (an error frame then [DONE] in a stream), /health answers 503, and Serve's
+    health check (check_health) replaces the replica.
+    """
+
+    def __init__(self, engine, stall_s: float):
+        self.engine, self.stall_s = engine, stall_s
+        self.last_step = time.monotonic()
+        self.engine_holds = 0  # requests the engine held after its last step
+        self.sent_since_step = False  # the frontend took new requests after that step
+        self.stalled: Optional[str] = None
+
+    def step(self, engine_holds: int) -> None:
+        self.last_step = time.monotonic()
+        self.engine_holds = engine_holds
+        self.sent_since_step = False
+
+    async def run(self, poll_s: float = 1.0) -> None:
+        owed_since = None
+        frontend_before = self.engine.get_num_unfinished_requests()
+        while self.stalled is None:
+            await asyncio.sleep(min(poll_s, self.stall_s / 4))
+            now = time.monotonic()
+            frontend = self.engine.get_num_unfinished_requests()
+            if frontend > frontend_before:
+                self.sent_since_step = True
+            frontend_before = frontend
+            if not frontend or not (self.engine_holds or self.sent_since_step):
+                owed_since = None
+                continue
+            owed_since = owed_since or now
+            idle_s = now - max(self.last_step, owed_since)
+            if idle_s >= self.stall_s:
+                self.stalled = (f"the vLLM engine made no step in {idle_s:.0f} s while it held "
+                                f"{max(self.engine_holds, 1)} request(s) (serving.engineStallSeconds="
+                                f"{self.stall_s:g}): it is hung")
+                logger.error("%s; killing its processes %s so that its requests end and Serve replaces this "
+                             "replica", self.stalled, kill_engine_processes())
+
+    def check(self) -> None:
+        if self.stalled is not None:
+            raise RuntimeError(self.stalled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -846,6 +1026,17 @@ def _wait_for_current_code(path: Optional[Path] = None, timeout_s: float = 300, 
 #    (Serve calls __serve_build_asgi_app__ after the constructor). Replica counts, autoscaling,
 #    queue limits and resources come from serveConfigV2, not code.
 # ---------------------------------------------------------------------------------------------
+
+
+class _Steps:
+    """The engine's step callback, forwarded to the watchdog once it exists (the engine steps
+    during the warm-up, before the watchdog starts)."""
+
+    watchdog: Optional[EngineWatchdog] = None
+
+    def __call__(self, engine_holds: int) -> None:
+        if self.watchdog is not None:
+            self.watchdog.step(engine_holds)
 
 
 @serve.deployment(name="VLLMServer")
@@ -857,8 +1048,28 @@ class VLLMServer:
             raise RuntimeError("the app code on this pod changed while the replica started; "
                                "Serve restarts it with the new code")
         keys = _api_keys(args.serving)
-        # Loading the model inside the constructor keeps the replica out of rotation until it is ready.
-        self.engine, vllm_app = await start_vllm_server(args)
+        self.engine = self.watchdog = None
+        steps = _Steps()
+        try:
+            if problem := model_path_problem(args):
+                raise SettingError(problem)
+            # Loading the model inside the constructor keeps the replica out of rotation until it is ready.
+            self.engine, vllm_app = await start_vllm_server(args, on_step=steps)
+            if args.serving.warmup:
+                seconds = await warm_up(self.engine, await self.engine.get_supported_tasks())
+                logger.info("Warm-up generation done in %.2f s", seconds)
+        except SettingError as error:
+            # One line first, in the replica's log and in the status Serve (and so KubeRay) reports.
+            logger.error("%s %s", START_FAILED, error)
+            raise RuntimeError(f"{START_FAILED} {error}") from None
+        except Exception as error:
+            logger.error("%s the vLLM engine failed to start or to warm up: %s (the traceback follows; "
+                         "README, Troubleshooting)", START_FAILED, _one_line(error))
+            if self.engine is not None:
+                self.engine.shutdown()
+            raise
+        self.watchdog = steps.watchdog = EngineWatchdog(self.engine, args.serving.engine_stall_seconds)
+        self._watching = asyncio.create_task(self.watchdog.run())
         self.gate = Gate(vllm_app, keys, args.serving.log_prompts, UsageMetrics())
 
     def __serve_build_asgi_app__(self):
@@ -866,6 +1077,7 @@ class VLLMServer:
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising makes it replace the replica."""
+        self.watchdog.check()
         await self.engine.check_health()
 
     def get_stats(self) -> dict:
@@ -897,7 +1109,11 @@ def build_app(args: dict) -> serve.Application:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise ValueError(f"Invalid vllm_app args: {problems}") from None
     try:
-        check_vllm_argument_names(app_args)
+        # vLLM's own parsing and checks of every engine/frontend value, before any replica starts,
+        # so a bad value fails the deploy at once with one line naming it.
+        vllm_server_args(app_args)
     except ModuleNotFoundError:
         pass  # a controller without vLLM: the replica checks when it builds vLLM's arguments
+    except SettingError as error:
+        raise ValueError(f"{START_FAILED} {error}") from None
     return VLLMServer.bind(app_args)

@@ -46,6 +46,28 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s-serve-svc" (include "vllm-rayservice.fullname" .) }}
 {{- end }}
 
+{{/*
+Where `helm test` calls the app. Normally the serve Service. Under NewClusterWithIncrementalUpgrade
+KubeRay (1.5 and newer, common/service.go BuildServeService) ignores spec.serveService and makes
+one serve Service per cluster, named after the cluster, behind the Gateway `<name>-gateway`
+(rayservice_controller.go createGateway, port 80); the Service in front of that Gateway is named by
+the Gateway implementation, so no name is known here. The RayService's head Service
+(`<name>-head-svc`, BuildHeadServiceForRayService) exists in every mode, follows the active cluster
+and carries the head's serve port: the smoke test calls Serve there.
+*/}}
+{{- define "vllm-rayservice.smokeTestURL" -}}
+{{- if eq .Values.cluster.upgradeStrategy "NewClusterWithIncrementalUpgrade" }}
+{{- printf "http://%s-head-svc.%s.svc:%s" (include "vllm-rayservice.fullname" .) .Release.Namespace (include "vllm-rayservice.servePort" .) }}
+{{- else }}
+{{- printf "http://%s.%s.svc:%d" (include "vllm-rayservice.serveServiceName" .) .Release.Namespace (int .Values.service.port) }}
+{{- end }}
+{{- end }}
+
+{{/* The port Ray Serve's ingress (HAProxy or the proxy) listens on, on every node. */}}
+{{- define "vllm-rayservice.servePort" -}}
+8000
+{{- end }}
+
 {{/* The ConfigMap holding the app code and the smoke-test script. */}}
 {{- define "vllm-rayservice.appConfigMapName" -}}
 {{- printf "%s-app" (include "vllm-rayservice.fullname" .) }}
@@ -136,11 +158,41 @@ volume), and the folder loadOnFirstUse looks in. Rendered as JSON, for fromJson.
 {{- end }}
 {{- end }}
 
-{{/* Model replicas that fit on one worker pod: by GPUs, or one per pod on CPU workers. */}}
+{{/*
+The CPUs Ray counts on a GPU worker pod, as KubeRay starts it (common/pod.go
+generateRayStartCommand): workers.rayStartParams.num-cpus, else the container's CPU limit, else
+its request, rounded up to a whole number (resource.Quantity.Value). 0 when none is set: Ray then
+counts the node's CPUs, unknown here.
+*/}}
+{{- define "vllm-rayservice.workerRayCpus" -}}
+{{- $cpu := index .Values.workers.rayStartParams "num-cpus" | default (dig "limits" "cpu" "" .Values.workers.resources) | default (dig "requests" "cpu" "" .Values.workers.resources) | toString }}
+{{- if hasSuffix "m" $cpu }}
+{{- div (add (atoi (trimSuffix "m" $cpu)) 999) 1000 }}
+{{- else if regexMatch `^[0-9]+(\.[0-9]+)?$` $cpu }}
+{{- int (ceil (float64 $cpu)) }}
+{{- else }}
+{{- 0 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Model replicas that fit on one worker pod. On GPU workers, as many as both the pod's GPUs
+(workers.gpus / (tensor x pipeline parallel size)) and the CPUs Ray counts there
+(workerRayCpus / serving.replicaCpus) allow: Ray places a replica only where both are free. On CPU
+workers, one: Ray starts there with num-cpus = serving.replicaCpus.
+*/}}
 {{- define "vllm-rayservice.replicasPerWorker" -}}
 {{- $gpusPerReplica := int (include "vllm-rayservice.gpusPerReplica" .) }}
 {{- if gt $gpusPerReplica 0 }}
-{{- div (int .Values.workers.gpus) $gpusPerReplica }}
+{{- $byGpus := div (int .Values.workers.gpus) $gpusPerReplica }}
+{{- $cpus := int (include "vllm-rayservice.workerRayCpus" .) }}
+{{- $replicaCpus := float64 .Values.serving.replicaCpus }}
+{{- if and (gt $cpus 0) (gt $replicaCpus 0.0) }}
+{{- /* Ray keeps resources to 4 decimals; the margin keeps 3 / 0.3 from flooring to 9. */}}
+{{- min $byGpus (int (floor (addf (divf $cpus $replicaCpus) 0.0001))) }}
+{{- else }}
+{{- $byGpus }}
+{{- end }}
 {{- else }}
 {{- 1 }}
 {{- end }}
@@ -174,6 +226,18 @@ minReplicas and maxReplicas as Serve asks for model replicas.
 {{- end }}
 
 {{/*
+The sha256 of the app's files (files/vllm_app*.py, in name order, one after the other), as
+files/vllm_app.py computes it (code_digest): a code change restarts the app in place.
+*/}}
+{{- define "vllm-rayservice.appCodeHash" -}}
+{{- $code := "" }}
+{{- range $path, $_ := .Files.Glob "files/vllm_app*.py" }}
+{{- $code = print $code ($.Files.Get $path) }}
+{{- end }}
+{{- $code | sha256sum }}
+{{- end }}
+
+{{/*
 The Ray Serve config KubeRay submits to the cluster (spec.serveConfigV2). `args` is the app
 contract (README, "The app contract"): files/vllm_app.py validates it into AppArgs.
 */}}
@@ -202,7 +266,9 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
 {{- $serving := dict
   "apiKeyEnv" (ternary (include "vllm-rayservice.apiKeyEnvName" .) "" (ne (include "vllm-rayservice.apiKeySecretName" .) ""))
   "apiKeysDir" (include "vllm-rayservice.apiKeysDir" .)
-  "logPrompts" .Values.serving.logPrompts }}
+  "logPrompts" .Values.serving.logPrompts
+  "warmup" .Values.serving.warmup
+  "engineStallSeconds" .Values.serving.engineStallSeconds }}
 {{- $deployment := dict
   "name" "VLLMServer"
   "max_ongoing_requests" (int .Values.serving.maxOngoingRequests)
@@ -225,12 +291,12 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "name" "llm"
   "import_path" "vllm_app:build_app"
   "route_prefix" "/"
-  "runtime_env" (dict "env_vars" (dict "VLLM_APP_SHA256" (.Files.Get "files/vllm_app.py" | sha256sum)))
+  "runtime_env" (dict "env_vars" (dict "VLLM_APP_SHA256" (include "vllm-rayservice.appCodeHash" .)))
   "args" (dict "model" $model "engine" $engine "openai" $openai "serving" $serving "lora" (include "vllm-rayservice.loraArgs" . | fromJson))
   "deployments" (list $deployment) }}
 {{- $config := dict
   "proxy_location" "EveryNode"
-  "http_options" (dict "host" "0.0.0.0" "port" 8000)
+  "http_options" (dict "host" "0.0.0.0" "port" (int (include "vllm-rayservice.servePort" .)))
   "applications" (list $app) }}
 {{- toYaml $config }}
 {{- end }}

@@ -29,6 +29,9 @@ keys and says what to change. Rendered (to nothing) at the top of rayservice.yam
 {{- if gt (int .Values.workers.minReplicas) (int .Values.workers.maxReplicas) }}
 {{- fail (printf "workers.minReplicas (%d) is larger than workers.maxReplicas (%d)." (int .Values.workers.minReplicas) (int .Values.workers.maxReplicas)) }}
 {{- end }}
+{{- if and (gt $gpus 0) (eq (int (include "vllm-rayservice.replicasPerWorker" .)) 0) }}
+{{- fail (printf "serving.replicaCpus is %v, but Ray counts only %s CPUs on a worker pod (workers.rayStartParams.num-cpus, else workers.resources.limits.cpu or requests.cpu, rounded up as KubeRay does): no model replica fits. Lower serving.replicaCpus or give the workers more CPUs." .Values.serving.replicaCpus (include "vllm-rayservice.workerRayCpus" .)) }}
+{{- end }}
 {{- $maxModelReplicas := int (include "vllm-rayservice.maxModelReplicas" .) }}
 {{- $workersNeeded := int (include "vllm-rayservice.workersFor" (list . $maxModelReplicas)) }}
 {{- if gt $workersNeeded (int .Values.workers.maxReplicas) }}
@@ -70,6 +73,7 @@ free slot. */}}
 {{- fail (printf "monitoring.prometheusRule.enabled is true but monitoring.podMonitor.enabled is false: the alerts select this release's series by the job label the chart's PodMonitor gives them (%s). Set monitoring.podMonitor.enabled=true too." (include "vllm-rayservice.metricsJob" .)) }}
 {{- end }}
 {{- include "vllm-rayservice.validateKubeRay" . }}
+{{- include "vllm-rayservice.validateKubeRayVersion" . }}
 {{- end }}
 
 {{/* The LoRA rules; each message names the key and what to change. */}}

@@ -35,10 +35,67 @@ Called from vllm-rayservice.validate.
 {{- if not $incremental.gatewayClassName }}
 {{- fail "cluster.upgradeStrategy is NewClusterWithIncrementalUpgrade, but cluster.incrementalUpgrade.gatewayClassName is empty: KubeRay rejects that RayService. Set it to a GatewayClass of your cluster (kubectl get gatewayclass), or choose another cluster.upgradeStrategy." }}
 {{- end }}
+{{- $service := .Values.service }}
+{{- $customized := list }}
+{{- if ne $service.type "ClusterIP" }}{{ $customized = append $customized (printf "service.type (%s)" $service.type) }}{{ end }}
+{{- if ne (int $service.port) (int (include "vllm-rayservice.servePort" .)) }}{{ $customized = append $customized (printf "service.port (%d)" (int $service.port)) }}{{ end }}
+{{- if not (kindIs "invalid" $service.nodePort) }}{{ $customized = append $customized "service.nodePort" }}{{ end }}
+{{- if $service.annotations }}{{ $customized = append $customized "service.annotations" }}{{ end }}
+{{- if $service.loadBalancerSourceRanges }}{{ $customized = append $customized "service.loadBalancerSourceRanges" }}{{ end }}
+{{- with $customized }}
+{{- fail (printf "%s %s set, but under cluster.upgradeStrategy NewClusterWithIncrementalUpgrade KubeRay ignores spec.serveService: clients go through the Gateway %s-gateway (port 80) it makes with cluster.incrementalUpgrade.gatewayClassName. Leave service.* at its defaults and expose that Gateway the way its class does." (join ", " .) (ternary "are" "is" (gt (len .) 1)) (include "vllm-rayservice.fullname" $)) }}
+{{- end }}
 {{- if gt (int $incremental.stepSizePercent) (int $incremental.maxSurgePercent) }}
 {{- fail (printf "cluster.incrementalUpgrade.stepSizePercent (%d) is larger than cluster.incrementalUpgrade.maxSurgePercent (%d): KubeRay rejects that RayService. Lower stepSizePercent or raise maxSurgePercent." (int $incremental.stepSizePercent) (int $incremental.maxSurgePercent)) }}
 {{- end }}
 {{- else if $incremental.gatewayClassName }}
 {{- fail (printf "cluster.incrementalUpgrade.gatewayClassName is set, but cluster.upgradeStrategy is %q: the incremental upgrade options apply only to NewClusterWithIncrementalUpgrade. Set that strategy, or drop the gateway class." .Values.cluster.upgradeStrategy) }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when cluster.kuberayVersion is at least the version given; call with (list $ "1.6.0").
+*/}}
+{{- define "vllm-rayservice.kuberayAtLeast" -}}
+{{- $root := index . 0 }}
+{{- if semverCompare (printf ">=%s" (index . 1)) $root.Values.cluster.kuberayVersion }}true{{ end }}
+{{- end }}
+
+{{/*
+What the KubeRay version in cluster.kuberayVersion does with the values, where an older operator
+silently drops or refuses what the chart renders. Read in the KubeRay code at each tag:
+- ray-operator/controllers/ray/common/service.go, BuildServeService: up to v1.5.2, when the head
+  container has a port named `serve` (this chart always adds one), the ports of spec.serveService
+  are replaced by that container port, {name: serve, port: 8000}: service.port and service.nodePort
+  are lost ("Ignoring user provided ports for serve service"). From v1.6.0 a user port named
+  `serve` replaces the detected one, whole.
+- ray-operator/apis/ray/v1/rayservice_types.go: upgradeStrategy from v1.3.0,
+  rayClusterDeletionDelaySeconds and NewClusterWithIncrementalUpgrade from v1.5.0 (before that the
+  API server prunes the unknown field, and v1.3/v1.4 refuse the upgrade type with an event).
+Called from vllm-rayservice.validate, after KubeRay's own checks.
+*/}}
+{{- define "vllm-rayservice.validateKubeRayVersion" -}}
+{{- $version := .Values.cluster.kuberayVersion }}
+{{- $upgradeKubeRay := "or upgrade the KubeRay operator and set cluster.kuberayVersion to its version" }}
+{{- if not (include "vllm-rayservice.kuberayAtLeast" (list . "1.1.0")) }}
+{{- fail (printf "cluster.kuberayVersion is %s, but this chart needs KubeRay 1.1.0 or newer (the ray.io/v1 RayService). Upgrade the KubeRay operator and set cluster.kuberayVersion to its version." $version) }}
+{{- end }}
+{{- if not (include "vllm-rayservice.kuberayAtLeast" (list . "1.6.0")) }}
+{{- $servePort := int (include "vllm-rayservice.servePort" .) }}
+{{- if ne (int .Values.service.port) $servePort }}
+{{- fail (printf "service.port is %d, but KubeRay %s (cluster.kuberayVersion) keeps the serve Service on port %d: before 1.6 it replaces the ports of spec.serveService with the head's serve port. Set service.port to %d, %s (1.6 or newer)." (int .Values.service.port) $version $servePort $servePort $upgradeKubeRay) }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.service.nodePort) }}
+{{- fail (printf "service.nodePort is %d, but KubeRay %s (cluster.kuberayVersion) drops it: before 1.6 it replaces the ports of spec.serveService with the head's serve port, and Kubernetes picks a random node port. Remove service.nodePort, %s (1.6 or newer)." (int .Values.service.nodePort) $version $upgradeKubeRay) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.cluster.upgradeStrategy (not (include "vllm-rayservice.kuberayAtLeast" (list . "1.3.0"))) }}
+{{- fail (printf "cluster.upgradeStrategy is %s, but KubeRay %s (cluster.kuberayVersion) has no upgradeStrategy field: the API server would drop it. Leave cluster.upgradeStrategy empty, %s (1.3 or newer)." .Values.cluster.upgradeStrategy $version $upgradeKubeRay) }}
+{{- end }}
+{{- if and (eq .Values.cluster.upgradeStrategy "NewClusterWithIncrementalUpgrade") (not (include "vllm-rayservice.kuberayAtLeast" (list . "1.5.0"))) }}
+{{- fail (printf "cluster.upgradeStrategy is NewClusterWithIncrementalUpgrade, but KubeRay %s (cluster.kuberayVersion) refuses it (it knows only NewCluster and None). Choose NewCluster, %s (1.7 or newer; 1.5 and 1.6 with their RayServiceIncrementalUpgrade feature gate)." $version $upgradeKubeRay) }}
+{{- end }}
+{{- if and (not (kindIs "invalid" .Values.cluster.rayClusterDeletionDelaySeconds)) (not (include "vllm-rayservice.kuberayAtLeast" (list . "1.5.0"))) }}
+{{- fail (printf "cluster.rayClusterDeletionDelaySeconds is set, but KubeRay %s (cluster.kuberayVersion) has no such field: the API server would drop it. Remove it, %s (1.5 or newer)." $version $upgradeKubeRay) }}
 {{- end }}
 {{- end }}

@@ -11,6 +11,9 @@ sys.path.insert(0, str(REPO))  # `tools` is the repository's own package, not in
 
 from tools import chart  # noqa: E402
 
+# A failing test against the local stack prints the last HTTP responses and the replicas' logs.
+from tests.failure_context import _fresh_responses, pytest_runtest_makereport  # noqa: E402,F401
+
 
 @pytest.fixture
 def render():

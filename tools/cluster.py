@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -150,6 +151,75 @@ def running_replicas(serve_details: dict, app: str = "llm", deployment: str = "V
     return sum(1 for replica in details.get("replicas", []) if replica.get("state") == "RUNNING")
 
 
+def serving_service_name(rayservice: dict) -> str:
+    """The Service in front of Serve that KubeRay creates for this RayService, as rendered.
+
+    KubeRay names it after spec.serveService (`<name>-serve-svc`), except under
+    NewClusterWithIncrementalUpgrade: there (v1.5 and newer, common/service.go BuildServeService)
+    it ignores spec.serveService and names one serve Service per cluster, and clients go through the
+    Gateway `<name>-gateway`. The RayService's head Service, `<name>-head-svc`, follows the active
+    cluster in every mode and carries the head's `serve` port (BuildHeadServiceForRayService)."""
+    spec = rayservice["spec"]
+    if (spec.get("upgradeStrategy") or {}).get("type") == "NewClusterWithIncrementalUpgrade":
+        return f"{rayservice['metadata']['name']}-head-svc"
+    return spec["serveService"]["metadata"]["name"]
+
+
+class ServicePortError(Exception):
+    pass
+
+
+def serve_port(service: Optional[dict], name: str = "") -> int:
+    """The port of the live Service named `serve`, the one KubeRay keeps for Serve.
+
+    Read from the cluster, never from the values: KubeRay < 1.6 replaces the ports of
+    spec.serveService with the head's container port (common/service.go, BuildServeService)."""
+    if service is None:
+        raise ServicePortError(f"Service {name} does not exist: KubeRay creates it once the Serve app runs "
+                               "(kubectl get rayservice, and its events, say why not)")
+    ports = service.get("spec", {}).get("ports") or []
+    for port in ports:
+        if port.get("name") == "serve":
+            return port["port"]
+    raise ServicePortError(f"Service {service['metadata']['name']} has no port named serve: "
+                           f"{[(p.get('name'), p.get('port')) for p in ports]}")
+
+
+_MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity(value, memory: bool = False) -> float:
+    """A Kubernetes quantity as a number: CPUs ("500m" -> 0.5) or bytes ("6Gi")."""
+    text = str(value)
+    if not memory and text.endswith("m"):
+        return int(text[:-1]) / 1000
+    for unit, factor in _MEMORY_UNITS.items():
+        if memory and text.endswith(unit):
+            return float(text[:-len(unit)]) * factor
+    return float(text)
+
+
+def peak_requests(rayservice: dict, workers: int) -> dict[str, tuple[float, float]]:
+    """(CPUs, GiB) the scheduler must find for the head pod (the Ray container and the autoscaler
+    sidecar KubeRay adds with autoscalerOptions.resources, common/pod.go BuildAutoscalerContainer)
+    and for `workers` worker pods of the first group, from a rendered RayService."""
+    cluster_config = rayservice["spec"]["rayClusterConfig"]
+
+    def requests(resources: dict) -> tuple[float, float]:
+        # Kubernetes takes a resource's limit as its request when only the limit is set.
+        def asked(name):
+            return (resources.get("requests") or {}).get(name, (resources.get("limits") or {}).get(name, 0))
+        return quantity(asked("cpu")), quantity(asked("memory"), memory=True) / 2**30
+
+    [head] = cluster_config["headGroupSpec"]["template"]["spec"]["containers"]
+    [worker] = cluster_config["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    parts = {"head": requests(head["resources"]),
+             "autoscaler": requests(cluster_config["autoscalerOptions"]["resources"]),
+             "worker": requests(worker["resources"])}
+    parts["total"] = tuple(parts["head"][i] + parts["autoscaler"][i] + workers * parts["worker"][i] for i in (0, 1))
+    return parts
+
+
 def failure_report(rayservice: Optional[dict], events: Iterable[dict], pod_logs: dict[str, str],
                    log_lines: int = 40) -> str:
     """What a person needs when the RayService did not become ready: its status, the events, the
@@ -171,6 +241,48 @@ def failure_report(rayservice: Optional[dict], events: Iterable[dict], pod_logs:
         parts.append(f"\nLast {len(tail)} log lines of pod {pod}:")
         parts.extend("  " + line for line in tail)
     return "\n".join(parts)
+
+
+def scheduling_report(pods: Iterable[dict], events: Iterable[dict], events_per_pod: int = 5) -> str:
+    """Why pods stay Pending: for each one, the scheduler's PodScheduled condition and the pod's
+    last events (FailedScheduling says which resource no node has). Empty when none is Pending."""
+    events = sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    parts = []
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Pending":
+            continue
+        name = pod["metadata"]["name"]
+        scheduled = next((c for c in pod["status"].get("conditions") or [] if c.get("type") == "PodScheduled"), {})
+        state = (f"not scheduled ({scheduled.get('reason', '')}): {scheduled.get('message', '')}"
+                 if scheduled.get("status") == "False" else "scheduled, containers not started yet")
+        parts.append(f"Pod {name} is Pending, {state}".rstrip(": "))
+        own = [e for e in events if (e.get("involvedObject") or {}).get("kind") == "Pod"
+               and (e.get("involvedObject") or {}).get("name") == name]
+        for event in own[-events_per_pod:]:
+            parts.append(f"  {event.get('lastTimestamp') or event.get('eventTime') or '-'} {event.get('type', '')} "
+                         f"{event.get('reason', '')}: {event.get('message', '')}".rstrip())
+        if not own:
+            parts.append("  (no events)")
+    return "\n".join(parts)
+
+
+# The label both of KubeRay's installs put on the operator's pod: the kuberay-operator Helm chart
+# (component: the chart name) and the kustomize manifests (ray-operator/config/manager).
+OPERATOR_SELECTOR = {"app.kubernetes.io/component": "kuberay-operator"}
+
+
+def operator_version(pods: Iterable[dict]) -> tuple[str, Optional[str]]:
+    """The KubeRay operator's image and its version ("1.4.2", from the tag "v1.4.2"), from the
+    operator's pods; the version is None when the tag is no release (latest, a digest, a fork's)."""
+    images = sorted({container.get("image", "") for pod in pods
+                     for container in pod.get("spec", {}).get("containers", [])
+                     if container.get("name") == "kuberay-operator" or "kuberay" in container.get("image", "")})
+    if not images:
+        return "not found", None
+    image = images[-1] if len(images) == 1 else ", ".join(images)
+    tag = images[-1].rsplit("/", 1)[-1].partition("@")[0].partition(":")[2]
+    match = re.fullmatch(r"v?(\d+\.\d+\.\d+)", tag)
+    return image, (match.group(1) if match and len(images) == 1 else None)
 
 
 def is_hook(obj: dict) -> bool:

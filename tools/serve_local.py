@@ -19,8 +19,10 @@ environment instead of a Secret, and the Serve proxy listens on 127.0.0.1 instea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -45,11 +47,29 @@ class LocalServeError(Exception):
     pass
 
 
+# Ports handed out by free_port: 21000-29999 is outside the kernel's ephemeral range (32768-60999 by
+# default), Ray's worker ports (10002-19999) and Serve's direct-ingress ports (30000-31000). A port
+# the kernel picked (bind to port 0) was free only at that moment: Ray's own processes bind port 0
+# as they start, and can take it before HAProxy binds it; a request then reaches a Ray service
+# instead of the model (the likely cause of a flake: /v1/models answered 200 without `data`).
+# Nothing here binds ports in this range by chance.
+FREE_PORTS = range(21000, 30000)
+_handed_out: set = set()
+
+
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (everything local listens on loopback only)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free TCP port on 127.0.0.1 (everything local listens on loopback only), not handed out before."""
+    for port in random.sample(FREE_PORTS, 200):
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise LocalServeError(f"no free port in {FREE_PORTS.start}-{FREE_PORTS.stop - 1} on 127.0.0.1")
 
 
 def vllm_environment() -> dict:
@@ -204,7 +224,7 @@ class LocalServe:
                 details = [app.get("message", "")] + [
                     f"{name}: {deployment.get('message', '')}"
                     for name, deployment in app.get("deployments", {}).items() if deployment.get("message")]
-                raise LocalServeError(f"application {failed[0]} is {last[failed[0]]}: " + "\n".join(details))
+                raise LocalServeError(_start_failure(failed[0], last[failed[0]], "\n".join(details)))
             if all(status == "RUNNING" for status in last.values()):
                 return apps
             time.sleep(1)
@@ -216,16 +236,10 @@ class LocalServe:
         if ray.is_initialized():
             # Taken first: once a replica exits, vLLM's engine processes are re-parented away from us.
             started = _descendants()
-            try:
-                self._request("DELETE", "/api/serve/applications/")
-            except Exception:  # the cluster is going away regardless
-                pass
-            from ray import serve
-
-            try:
-                serve.shutdown()
-            except Exception:
-                pass
+            # No graceful Serve shutdown: deleting the applications through the dashboard (what
+            # KubeRay would do) blocks for 30 s, the Serve controller's own shutdown timeout, and
+            # then the replicas drain. A local stop ends the whole cluster, so requests in flight
+            # are cut; on a cluster, stopping replicas drain (serving.gracefulShutdownTimeoutSeconds).
             ray.shutdown()
             _reap(started + _descendants())
         for name, value in self._saved_env.items():
@@ -250,17 +264,37 @@ class LocalServe:
         return json.loads(text) if text.strip() else {}
 
 
+# The app begins every error that stops it from starting with this (files/vllm_app.py, START_FAILED).
+START_FAILED = "vllm_app cannot start:"
+FAILURE_LOG = REPO / "build" / "serve_local_failure.log"
+
+
+def _start_failure(app: str, status: str, details: str) -> str:
+    """What a failed deploy says: the app's own one-line reason when it gave one (the full status,
+    tracebacks included, goes to FAILURE_LOG), else Serve's whole message."""
+    reasons = [line[line.index(START_FAILED):].strip() for line in details.splitlines() if START_FAILED in line]
+    if not reasons:
+        return f"application {app} is {status}: {details}"
+    FAILURE_LOG.parent.mkdir(parents=True, exist_ok=True)
+    FAILURE_LOG.write_text(f"application {app} is {status}:\n{details}\n")
+    return f"{reasons[-1]}\n(application {app} is {status}; Serve's full report: {FAILURE_LOG})"
+
+
 def _descendants() -> list:
     import psutil
 
     return psutil.Process().children(recursive=True)
 
 
-def _reap(processes: list, grace: float = 60.0) -> None:
-    """Wait for the processes the local Ray started (raylet, workers, vLLM's engine processes) to
-    exit, then kill what is left: nothing may outlive the run, nor keep burning CPU after it."""
+def _reap(processes: list, grace: float = 5.0) -> None:
+    """Ask the processes the local Ray started (raylet, workers, HAProxy, vLLM's engine processes)
+    to exit, then kill what is left after `grace` seconds: nothing may outlive the run, nor keep
+    burning CPU after it."""
     import psutil
 
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
     _, alive = psutil.wait_procs(processes, timeout=grace)
     for process in alive:
         try:

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from tests import failure_context
 from tools import serve_local, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +42,7 @@ def no_template_model_dir(tiny_model_dir, tmp_path_factory):
 
 NO_TEMPLATE_ROUTE = "/no-template"
 EMBED_ROUTE = "/embed"
+COLD_ROUTE = "/cold"
 
 
 NAMED_KEYS = {"team-a": "key-of-team-a-123", "team-b": "key-of-team-b-456"}
@@ -88,9 +90,17 @@ def server(tiny_model_dir, no_template_model_dir, named_keys_dir):
     embed["args"]["model"]["id"] = str(tiny_model_dir)
     embed["args"]["engine"]["extraArgs"] = {"runner": "pooling", "convert": "embed"}
     config["applications"].append(embed)
+    # A fourth, without the warm-up: its engine's first request is the one tests/app/test_cold_start.py sends.
+    cold = copy.deepcopy(bare)
+    cold.update(name="cold", route_prefix=COLD_ROUTE)
+    cold["args"]["model"]["id"] = str(tiny_model_dir)
+    cold["args"]["serving"]["warmup"] = False
+    config["applications"].append(cold)
     with serve_local.LocalServe(config, api_key=serve_local.api_key_from(merged), values=merged,
                                 dashboard_port=serve_local.free_port(), extra_env={"HF_HUB_OFFLINE": "1"}) as running:
+        failure_context.watch(running)
         yield running
+        failure_context.unwatch(running)
 
 
 @pytest.fixture(scope="session")

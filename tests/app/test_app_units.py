@@ -54,7 +54,7 @@ class TestArgsContract:
             "model": "org/model", "served_model_name": ["chat"], "revision": "v1", "trust_remote_code": True,
             "dtype": "float16", "max_model_len": 4096, "gpu_memory_utilization": 0.8, "tensor_parallel_size": 2,
             "pipeline_parallel_size": 1, "enforce_eager": True, "stream_interval": 4,
-            "distributed_executor_backend": "mp",
+            "distributed_executor_backend": "mp", "worker_extension_cls": "vllm_app_worker.WorkerSetup",
             "max_num_seqs": 8, "reasoning_parser": "qwen3", "chat_template": None, "tool_call_parser": "hermes",
             "enable_auto_tool_choice": True, "chat_template_content_format": "openai",
             "enable_prompt_tokens_details": True, "disable_log_stats": False, "enable_log_requests": False,
@@ -138,12 +138,18 @@ class TestArgsContract:
             vllm_app._api_keys(vllm_app.ServingArgs(api_key_env="SOME_KEY_ENV"))
 
     def test_current_code_should_start_at_once(self, monkeypatch):
-        import hashlib
-
-        monkeypatch.setenv(vllm_app.CODE_HASH_ENV, hashlib.sha256(Path(vllm_app.__file__).read_bytes()).hexdigest())
+        monkeypatch.setenv(vllm_app.CODE_HASH_ENV, vllm_app.code_digest(Path(vllm_app.__file__).parent))
         assert vllm_app._wait_for_current_code() is True
         monkeypatch.delenv(vllm_app.CODE_HASH_ENV)
         assert vllm_app._wait_for_current_code() is True  # outside a Serve config: nothing to check
+
+    def test_code_digest_should_cover_every_app_module_and_nothing_else(self, tmp_path):
+        (tmp_path / "vllm_app.py").write_text("app")
+        before = vllm_app.code_digest(tmp_path)
+        (tmp_path / "smoke_test.py").write_text("not the app")
+        assert vllm_app.code_digest(tmp_path) == before
+        (tmp_path / "vllm_app_worker.py").write_text("worker")
+        assert vllm_app.code_digest(tmp_path) != before
 
     def test_stale_code_should_wait_for_the_configmap_update(self, monkeypatch, tmp_path):
         import hashlib
@@ -438,3 +444,84 @@ class TestGate:
         assert keys.name_of("beta-key") == "team-b"
         assert keys.name_of("alpha") is None and keys.name_of("") is None
         assert not vllm_app.APIKeys({}).enabled
+
+
+class TestEngineWatchdog:
+    """The stall rule on a stand-in engine count; the real hang is fault scenario 7 (tests/faults)."""
+
+    class Frontend:
+        def __init__(self):
+            self.unfinished = 0
+
+        def get_num_unfinished_requests(self):
+            return self.unfinished
+
+    def _run(self, frontend, steps, seconds=0.6):
+        import asyncio
+
+        watchdog = vllm_app.EngineWatchdog(frontend, stall_s=0.3)
+
+        async def scenario():
+            task = asyncio.create_task(watchdog.run(poll_s=0.02))
+            await steps(watchdog)
+            await asyncio.sleep(seconds)
+            task.cancel()
+
+        killed = []
+        original = vllm_app.kill_engine_processes
+        vllm_app.kill_engine_processes = lambda: killed.append(1) or []
+        try:
+            asyncio.run(scenario())
+        finally:
+            vllm_app.kill_engine_processes = original
+        return watchdog, killed
+
+    def test_an_engine_that_holds_requests_and_stops_stepping_should_be_called_hung(self):
+        frontend = self.Frontend()
+
+        async def steps(watchdog):
+            frontend.unfinished = 3
+            watchdog.step(3)
+
+        watchdog, killed = self._run(frontend, steps)
+        assert watchdog.stalled and "held 3 request(s)" in watchdog.stalled and killed
+        with pytest.raises(RuntimeError, match="it is hung"):
+            watchdog.check()
+
+    def test_a_request_the_engine_finished_but_the_frontend_still_counts_should_not(self):
+        frontend = self.Frontend()
+
+        async def steps(watchdog):
+            frontend.unfinished = 1
+            watchdog.step(0)  # the engine's last step left it idle
+
+        watchdog, killed = self._run(frontend, steps)
+        assert watchdog.stalled is None and not killed
+        watchdog.check()
+
+    def test_a_new_request_to_an_idle_engine_that_never_steps_should_be_called_hung(self):
+        import asyncio
+
+        frontend = self.Frontend()
+
+        async def steps(watchdog):
+            watchdog.step(0)
+            await asyncio.sleep(0.05)
+            frontend.unfinished = 1  # sent to an engine stopped while idle
+
+        watchdog, killed = self._run(frontend, steps)
+        assert watchdog.stalled and killed
+
+    def test_an_engine_that_keeps_stepping_should_never_be_called_hung(self):
+        import asyncio
+
+        frontend = self.Frontend()
+
+        async def steps(watchdog):
+            frontend.unfinished = 5
+            for _ in range(40):  # a long prefill: many steps, no token
+                watchdog.step(5)
+                await asyncio.sleep(0.02)
+
+        watchdog, killed = self._run(frontend, steps, seconds=0.1)
+        assert watchdog.stalled is None and not killed

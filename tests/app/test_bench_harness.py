@@ -111,7 +111,6 @@ def test_vllms_command_line_should_take_each_adapter_as_a_json_item():
 
 
 def test_app_b_should_serve_the_edited_file_with_the_hash_the_replica_waits_for(tmp_path):
-    import hashlib
 
     from tools import serve_local
 
@@ -125,7 +124,7 @@ def test_app_b_should_serve_the_edited_file_with_the_hash_the_replica_waits_for(
     assert (files / "vllm_app.py").read_text().endswith("# variant B\n")
     assert sorted(p.name for p in files.iterdir()) == sorted(p.name for p in (servers.REPO / "files").iterdir())
     env_vars = config["applications"][0]["runtime_env"]["env_vars"]
-    assert env_vars["VLLM_APP_SHA256"] == hashlib.sha256(edited.read_bytes()).hexdigest()
+    assert env_vars["VLLM_APP_SHA256"] == servers.vllm_app.code_digest(files)
     # The A side keeps the repository's code and hash.
     assert rendered["applications"][0]["runtime_env"]["env_vars"]["VLLM_APP_SHA256"] != env_vars["VLLM_APP_SHA256"]
 

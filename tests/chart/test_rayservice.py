@@ -109,11 +109,31 @@ class TestWorkers:
     def test_gpu_workers_should_leave_ray_cpus_to_kuberay(self, render):
         assert "num-cpus" not in _workers(render())["rayStartParams"]  # the GPU count places replicas
 
-    def test_should_check_only_raylet_health_for_readiness(self, render):
-        probe = _worker_container(render())["readinessProbe"]
-        command = " ".join(probe["exec"]["command"])
-        assert "local_raylet_healthz" in command
-        assert "-/healthz" not in command  # the Serve proxy check that keeps idle workers NotReady
+    @pytest.mark.parametrize("ingress", ["haproxy", "proxy"])
+    def test_workers_should_be_ready_for_traffic_only_when_their_serve_ingress_is(self, render, ingress):
+        """KubeRay puts every RayService worker behind the serve Service and relies on this probe:
+        raylet health and Serve's /-/healthz on the Serve port, out at the first failure, as its
+        default probe for RayService workers (common/pod.go initLivenessAndReadinessProbe)."""
+        rendered = render({"serving": {"ingress": ingress}})
+        probe = _worker_container(rendered)["readinessProbe"]
+        assert probe["exec"]["command"][:2] == ["bash", "-c"]
+        raylet, serve = probe["exec"]["command"][2].split(" && ")
+        assert raylet == "wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
+        port = rendered.serve_config()["http_options"]["port"]
+        assert serve == f"wget --tries 1 -T 2 -q -O- http://localhost:{port}/-/healthz | grep success"
+        assert (probe["failureThreshold"], probe["successThreshold"], probe["periodSeconds"]) == (1, 1, 5)
+        assert probe["timeoutSeconds"] >= 2 + 2  # both calls fit
+
+    def test_the_probe_should_follow_a_moved_dashboard_agent(self, render):
+        probe = _worker_container(render({"workers": {"rayStartParams": {"dashboard-agent-listen-port": "52999"}}}))
+        assert "http://localhost:52999/api/local_raylet_healthz" in probe["readinessProbe"]["exec"]["command"][2]
+
+    def test_workers_should_listen_for_serve_where_the_head_and_the_service_send_it(self, render):
+        rendered = render()
+        [head_port] = [p for p in _head_container(rendered)["ports"] if p["name"] == "serve"]
+        [service_port] = rendered.rayservice()["spec"]["serveService"]["spec"]["ports"]
+        assert head_port["containerPort"] == service_port["targetPort"] == \
+            rendered.serve_config()["http_options"]["port"] == 8000
 
     def test_should_stop_ray_before_the_pod_goes(self, render):
         assert "ray stop" in " ".join(_worker_container(render())["lifecycle"]["preStop"]["exec"]["command"])
@@ -167,7 +187,7 @@ class TestAppMount:
         assert env["PYTHONPATH"] == mount["mountPath"]
         assert "$" not in env["PYTHONPATH"]  # Kubernetes would leave a literal $PYTHONPATH
         configmap = rendered.one("ConfigMap")
-        assert set(configmap["data"]) == {"vllm_app.py", "smoke_test.py"}
+        assert set(configmap["data"]) == {"vllm_app.py", "vllm_app_worker.py", "smoke_test.py"}
 
     def test_configmap_should_hold_the_files_verbatim(self, render):
         data = render().one("ConfigMap")["data"]
@@ -201,7 +221,8 @@ class TestServeConfig:
         assert args["openai"] == {"toolCallParser": "hermes", "enableAutoToolChoice": True,
                                   "reasoningParser": "qwen3", "chatTemplateContentFormat": "openai",
                                   "extraArgs": {"enable_prompt_tokens_details": True}}
-        assert args["serving"] == {"apiKeyEnv": "", "apiKeysDir": "", "logPrompts": True}
+        assert args["serving"] == {"apiKeyEnv": "", "apiKeysDir": "", "logPrompts": True,
+                                   "warmup": True, "engineStallSeconds": 60}
 
     def test_args_should_be_what_the_app_contract_accepts(self, render):
         import sys
@@ -274,21 +295,47 @@ class TestScaling:
         assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (0, 2, 4)
 
     def test_should_pack_several_replicas_on_a_multi_gpu_worker(self, render):
-        rendered = render({"workers": {"gpus": 4, "maxReplicas": 1}, "serving": {"replicas": 4}})
+        rendered = render({"workers": {"gpus": 4, "maxReplicas": 1, "resources": {"limits": {"cpu": "4"}}},
+                           "serving": {"replicas": 4}})
         assert _workers(rendered)["replicas"] == 1
+
+    # (worker values, serving.replicas, worker pods the chart starts): a GPU worker holds as many
+    # replicas as its GPUs and the CPUs Ray counts on it allow (KubeRay's num-cpus: the CPU limit,
+    # else the request, rounded up; or workers.rayStartParams.num-cpus).
+    PACKING = [
+        pytest.param({"gpus": 4}, 4, 2, id="4-gpus-but-2-cpus-hold-2-replicas"),
+        pytest.param({"gpus": 4, "resources": {"limits": {"cpu": "8"}}}, 4, 1, id="4-gpus-8-cpus-hold-4"),
+        pytest.param({"gpus": 4, "resources": {"limits": {"cpu": "1500m"}, "requests": {"cpu": "1500m"}}}, 4, 2,
+                     id="cpu-limit-rounded-up-as-kuberay-does"),
+        pytest.param({"gpus": 4, "resources": {"limits": None, "requests": {"cpu": "3"}}}, 4, 2,
+                     id="cpu-request-without-a-limit"),
+        pytest.param({"gpus": 4, "rayStartParams": {"num-cpus": "4"}}, 4, 1, id="num-cpus-from-ray-start-params"),
+        pytest.param({"gpus": 4, "resources": {"limits": None, "requests": None}}, 4, 1, id="no-cpu-bound-known"),
+        pytest.param({"gpus": 3}, 2, 1, id="3-gpus-2-cpus-hold-2"),
+        pytest.param({"gpus": 0, "tolerations": []}, 2, 2, id="cpu-workers-hold-one-each"),
+    ]
+
+    @pytest.mark.parametrize("workers, replicas, pods", PACKING)
+    def test_should_start_the_workers_the_replicas_fill_by_gpus_and_cpus(self, render, workers, replicas, pods):
+        assert _workers(render({"workers": workers, "serving": {"replicas": replicas}}))["replicas"] == pods
+
+    def test_should_count_fractional_replica_cpus_without_rounding_them_away(self, render):
+        rendered = render({"workers": {"gpus": 10, "resources": {"limits": {"cpu": "3"}}},
+                           "serving": {"replicas": 10, "replicaCpus": 0.3}})
+        assert _workers(rendered)["replicas"] == 1  # 3 / 0.3 = 10 replicas on one pod, not 9
 
     def test_should_start_with_at_least_the_minimum_workers(self, render):
         group = _workers(render({"workers": {"minReplicas": 2}, "serving": {"replicas": 1}}))
         assert group["replicas"] == 2
 
 
-INCREMENTAL = {"cluster": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+INCREMENTAL = {"cluster": {"kuberayVersion": "1.7.0", "upgradeStrategy": "NewClusterWithIncrementalUpgrade",
                            "incrementalUpgrade": {"gatewayClassName": "istio"}}}
 
 
 class TestUpgrades:
     def test_should_emit_upgrade_fields_only_when_set(self, render):
-        values = {"cluster": {"upgradeStrategy": "None", "rayClusterDeletionDelaySeconds": 30}}
+        values = {"cluster": {"kuberayVersion": "1.7.0", "upgradeStrategy": "None", "rayClusterDeletionDelaySeconds": 30}}
         spec = render(values).rayservice()["spec"]
         assert spec["upgradeStrategy"] == {"type": "None"}
         assert spec["rayClusterDeletionDelaySeconds"] == 30
@@ -312,7 +359,8 @@ class TestUpgrades:
 
     @pytest.mark.skipif(not kube_schemas.crd_files(), reason=kube_schemas.crd_missing_reason())
     def test_upgrade_fields_should_be_valid_where_kuberay_has_them(self, render):
-        rayservice = render({"cluster": {"upgradeStrategy": "None", "rayClusterDeletionDelaySeconds": 30}}).rayservice()
+        rayservice = render({"cluster": {"kuberayVersion": "1.7.0", "upgradeStrategy": "None",
+                                         "rayClusterDeletionDelaySeconds": 30}}).rayservice()
         by_version = {path.name: kube_schemas.rayservice_errors(rayservice, path) for path in kube_schemas.crd_files()}
         for name, errors in by_version.items():
             if "v1.7.0" in name:
@@ -340,9 +388,18 @@ class TestUpgrades:
     def test_code_hash_should_be_the_sha256_of_the_shipped_app(self, render):
         import hashlib
 
-        expected = hashlib.sha256((chart.CHART_DIR / "files" / "vllm_app.py").read_bytes()).hexdigest()
+        files = chart.CHART_DIR / "files"
+        app_files = sorted(files.glob("vllm_app*.py"))
+        assert [path.name for path in app_files] == ["vllm_app.py", "vllm_app_worker.py"]
+        expected = hashlib.sha256(b"".join(path.read_bytes() for path in app_files)).hexdigest()
         env = render().serve_config()["applications"][0]["runtime_env"]["env_vars"]
         assert env["VLLM_APP_SHA256"] == expected
+
+    def test_configmap_should_ship_every_app_module_the_hash_covers(self, render):
+        [configmap] = [o for o in render().objects if o["kind"] == "ConfigMap" and "vllm_app.py" in o["data"]]
+        files = chart.CHART_DIR / "files"
+        for path in files.glob("vllm_app*.py"):
+            assert configmap["data"][path.name] == path.read_text().rstrip("\n")
 
 
 class TestNamesAndLabels:

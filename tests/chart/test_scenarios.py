@@ -99,3 +99,22 @@ def test_serve_config_args_should_satisfy_the_app_contract(scenario):
 def test_should_pass_helm_lint_strict(scenario):
     values = chart.load_values_files([REPO / scenario]) if scenario else {}
     assert chart.lint(values, strict=True) == []
+
+
+def test_the_readme_should_size_the_kind_node_from_the_cpu_scenarios_requests():
+    """The cluster suite on kind scales to two workers: the node must hold what the pods request
+    then. The README's figure is this computation, never a hand-written estimate."""
+    from tools import cluster
+
+    rendered = _render("ci/05-cpu-kind-values.yaml").rayservice()
+    workers = rendered["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"]
+    parts = cluster.peak_requests(rendered, workers)
+
+    def figure(cpus, gib):
+        return f"{cpus:g} CPU{'s' if cpus > 1 else ''} and {gib:g} GiB"
+
+    sentence = (f"With its {workers} workers the release requests {figure(*parts['total'])} of memory "
+                f"(the head {figure(*parts['head'])}, its autoscaler sidecar {figure(*parts['autoscaler'])}, "
+                f"each worker {figure(*parts['worker'])}): the kind node needs that much allocatable.")
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert sentence in readme, f"README's kind sizing is stale; it should read: {sentence}"

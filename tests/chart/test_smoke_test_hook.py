@@ -1,6 +1,9 @@
 """`helm test`: a hook Pod that runs files/smoke_test.py against the serving Service; and NOTES.txt."""
 
-from tools import chart
+from tools import chart, cluster
+
+INCREMENTAL = {"cluster": {"kuberayVersion": "1.7.0", "upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+                           "incrementalUpgrade": {"gatewayClassName": "istio"}}}
 
 
 def _pod(rendered):
@@ -20,11 +23,21 @@ class TestSmokeTestHook:
         assert set(policies) == {"before-hook-creation", "hook-succeeded"}
 
     def test_should_call_this_releases_service_with_the_served_model(self, render):
-        rendered = render({"model": {"servedName": "chat"}, "service": {"port": 80}}, release="rel", namespace="llm")
+        rendered = render({"model": {"servedName": "chat"}, "service": {"port": 80}, "cluster": {"kuberayVersion": "1.6.0"}},
+                          release="rel", namespace="llm")
         env = {e["name"]: e.get("value") for e in _pod(rendered)["spec"]["containers"][0]["env"]}
         service = rendered.rayservice()["spec"]["serveService"]["metadata"]["name"]
         assert env["SMOKE_TEST_URL"] == f"http://{service}.llm.svc:80"
         assert env["SMOKE_TEST_MODEL"] == "chat"
+
+    def test_under_incremental_upgrade_should_call_the_head_service_which_exists_in_that_mode(self, render):
+        """KubeRay (v1.7 common/service.go BuildServeService) ignores spec.serveService then, so
+        <name>-serve-svc never exists; its head Service does and carries the serve port."""
+        rendered = render(INCREMENTAL, release="rel", namespace="llm")
+        env = {e["name"]: e.get("value") for e in _pod(rendered)["spec"]["containers"][0]["env"]}
+        assert env["SMOKE_TEST_URL"] == "http://rel-vllm-rayservice-head-svc.llm.svc:8000"
+        assert cluster.serving_service_name(rendered.rayservice()) == "rel-vllm-rayservice-head-svc"
+        assert rendered.serve_config()["http_options"]["port"] == 8000
 
     def test_should_run_the_shipped_script_from_the_configmap(self, render):
         rendered = render()
@@ -60,6 +73,11 @@ class TestNotes:
         assert "loadBalancer.ingress" in self._notes({"service": {"type": "LoadBalancer"}})
         assert "nodePort" in self._notes({"service": {"type": "NodePort"}})
 
+    def test_under_incremental_upgrade_should_show_the_gateway_kuberay_makes(self):
+        notes = self._notes(INCREMENTAL)
+        assert "get gateway test-vllm-rayservice-gateway" in notes and "(port 80)" in notes
+        assert "serve-svc" not in notes and "test-vllm-rayservice-head-svc" in notes
+
     def test_should_show_a_curl_and_helm_test(self):
         notes = self._notes({"serving": {"apiKey": {"value": "k"}}})
         assert "curl $URL/v1/chat/completions" in notes and "Authorization: Bearer" in notes
@@ -70,3 +88,10 @@ class TestNotes:
         notes = self._notes(upgrade=True)
         assert "What this upgrade does" in notes
         assert "second Ray cluster" in notes and "in place" in notes
+        assert "KubeRay updates the serve Service only when it switches to a new" in notes
+        assert "workers.minReplicas / workers.maxReplicas: KubeRay ignores these" in notes
+
+    def test_should_warn_that_kuberay_1_1_rebuilds_the_cluster_for_worker_bounds(self):
+        """KubeRay 1.1's change hash leaves out only replicas and workersToDelete."""
+        notes = self._notes({"cluster": {"kuberayVersion": "1.1.1"}}, upgrade=True)
+        assert "workers.minReplicas / workers.maxReplicas: KubeRay 1.1.1 builds a whole new Ray" in notes

@@ -32,15 +32,17 @@ class Release:
     kubeconfig: str
     helm: object  # helm_python.Config
     api: object  # pykube.HTTPClient
-    serve_service: dict | None = None  # the RayService's spec.serveService, as rendered
+    serve_service_name: str = ""  # the Service in front of Serve (tools.cluster.serving_service_name)
+    uninstalled: bool = False  # set by uninstall(): the release is gone, Helm must not be asked again
 
     def rayservice(self) -> dict | None:
         return get_object(self.api, "ray.io/v1", "RayService", self.namespace, self.fullname)
 
     def serve_target(self) -> tuple[str, int]:
-        """The Service clients call and its port (service.port), for kubectl port-forward."""
-        [port] = self.serve_service["spec"]["ports"]
-        return f"svc/{self.serve_service['metadata']['name']}", port["port"]
+        """The Service clients call and the port it really has, read from the cluster (not
+        service.port: KubeRay < 1.6 keeps the Service on the head's serve port), for port-forward."""
+        service = get_object(self.api, "v1", "Service", self.namespace, self.serve_service_name)
+        return f"svc/{self.serve_service_name}", cluster.serve_port(service, self.serve_service_name)
 
 
 def get_object(api, api_version, kind, namespace, name):
@@ -133,9 +135,22 @@ def prerequisites(kubeconfig, kube_api, pytestconfig) -> dict:
                     "or pass --cluster-namespace")
     if shutil.which("kubectl") is None:
         pytest.fail("kubectl is not on PATH: the suite port-forwards with it. Install kubectl.")
-    operator_version = crd["metadata"].get("annotations", {}).get("controller-gen.kubebuilder.io/version", "?")
+    operator_image, operator_version = find_operator(kube_api)
     return {"kubernetes": version, "crd_versions": [v["name"] for v in crd["spec"]["versions"]],
-            "crd_controller_gen": operator_version, "namespace": namespace}
+            "operator_image": operator_image, "operator_version": operator_version, "namespace": namespace}
+
+
+def find_operator(api) -> tuple[str, str | None]:
+    """The KubeRay operator's image and version, from its pods in any namespace. Optional: a user
+    who may not list pods cluster-wide gets "unknown" and the chart's cluster.kuberayVersion."""
+    import pykube
+
+    try:
+        pods = [pod.obj for pod in pykube.Pod.objects(api).filter(namespace=pykube.all,
+                                                                    selector=cluster.OPERATOR_SELECTOR)]
+    except Exception as error:  # 403 for a namespace-limited user; nothing else depends on it
+        return f"unknown ({cluster.explain_api_error(error, 'list pods in all namespaces')})", None
+    return cluster.operator_version(pods)
 
 
 def _failure_report(api, namespace, release_name, rayservice) -> str:
@@ -161,6 +176,35 @@ def rayservice_events(release: Release) -> list[dict]:
         namespace=release.namespace, field_selector={"involvedObject.name": release.fullname})]
 
 
+def expected_workers(release: Release, replicas: int) -> int:
+    """Worker pods Ray's autoscaler settles on for `replicas` model replicas: the chart's own count
+    for that many (vllm-rayservice.initialWorkers, the replicas packed by GPUs and CPUs per pod, at
+    least workers.minReplicas), not one pod per replica."""
+    values = chart.deep_merge(release.values, {"serving": {"replicas": replicas}})
+    rayservice = chart.render(values, release=release.name, namespace=release.namespace).rayservice()
+    return rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"]
+
+
+def pending_pods_report(release: Release) -> str:
+    """The release's Pending pods and their scheduling events, read from the cluster."""
+    import pykube
+
+    pods = [pod.obj for pod in pykube.Pod.objects(release.api).filter(
+        namespace=release.namespace, selector={"app.kubernetes.io/instance": release.name})]
+    events = [event.obj for event in pykube.Event.objects(release.api).filter(namespace=release.namespace)]
+    return cluster.scheduling_report(pods, events)
+
+
+def wait_until(release: Release, check, timeout: float, what: str) -> None:
+    """Poll `check` (a cluster.Readiness) until ready; on a timeout fail with what did not happen and,
+    when pods of the release stay Pending, why the scheduler does not place them."""
+    try:
+        cluster.wait_for(check, timeout=timeout, poll=10, transient=cluster.TRANSIENT_ERRORS)
+    except cluster.WaitTimeout as error:
+        pending = pending_pods_report(release)
+        pytest.fail(f"{what}: {error}" + (f"\n\n{pending}" if pending else ""), pytrace=False)
+
+
 def wait_ready(release: Release, timeout: float) -> None:
     def check():
         return cluster.readiness(release.rayservice() or {}, events=rayservice_events(release))
@@ -181,25 +225,41 @@ def release(prerequisites, kubeconfig, kube_api, pytestconfig):
         values = chart.deep_merge(values, helm_python.parse_set_string(expression))
     values = chart.deep_merge(values, {"serving": {"replicas": 1, "autoscaling": {"enabled": False}},
                                        "workers": {"maxReplicas": max(2, values.get("workers", {}).get("maxReplicas", 2))}})
+    values = with_operator_version(values, prerequisites["operator_version"])
     name = f"vrs-e2e-{uuid.uuid4().hex[:6]}"
     helm = helm_python.Config(kubeconfig_path=kubeconfig, namespace=namespace)
     rendered = chart.render(values, release=name, namespace=namespace)
     subject = Release(name=name, fullname=rendered.rayservice()["metadata"]["name"], namespace=namespace,
                       values=values, kubeconfig=kubeconfig, helm=helm, api=kube_api,
-                      serve_service=rendered.rayservice()["spec"]["serveService"])
+                      serve_service_name=cluster.serving_service_name(rendered.rayservice()))
     yield from installed(subject, pytestconfig.getoption("cluster_ready_timeout"))
+
+
+def uninstall(release: Release) -> None:
+    """`helm uninstall`, remembered: the teardown then leaves the release alone."""
+    release.helm.uninstall(release.name, timeout=300)
+    release.uninstalled = True
+
+
+def with_operator_version(values: dict, operator_version: str | None) -> dict:
+    """Tell the chart which KubeRay runs (cluster.kuberayVersion), unless the user's values do."""
+    if operator_version is None or "kuberayVersion" in values.get("cluster", {}):
+        return values
+    return chart.deep_merge(values, {"cluster": {"kuberayVersion": operator_version}})
 
 
 def installed(release: Release, ready_timeout: float):
     """Install, wait until ready, hand the release to the tests, then uninstall it whatever happened:
     also when the install itself fails, since a release Helm records as failed still holds objects.
-    The uninstall test checks the result when it runs."""
+    The uninstall test checks the result when it runs; after it, the teardown does not uninstall a
+    second time (helm-c has crashed on a release that was already gone)."""
     try:
         release.helm.install(str(REPO), release.name, release.values, namespace=release.namespace, timeout=300)
         wait_ready(release, ready_timeout)
         yield release
     finally:
-        release.helm.uninstall(release.name, ignore_not_found=True, timeout=300)
+        if not release.uninstalled:
+            release.helm.uninstall(release.name, ignore_not_found=True, timeout=300)
         delete_test_pods(release.api, release.namespace, release.name)
 
 

@@ -130,3 +130,65 @@ def test_leftovers_should_name_what_the_release_left_except_what_helm_keeps_and_
                test_pod, obj("Pod", "other-head-xyz", "other")]
     assert cluster.leftovers(objects, "chat") == ["Pod/chat-head-abc", "RayCluster/chat-vllm-rayservice-x7k2p"]
     assert cluster.leftovers([], "chat") == []
+
+
+def _pod(name, phase, scheduled=None):
+    conditions = [{"type": "PodScheduled", **scheduled}] if scheduled else []
+    return {"kind": "Pod", "metadata": {"name": name}, "status": {"phase": phase, "conditions": conditions}}
+
+
+def _event(pod, reason, message, at, kind="Pod"):
+    return {"type": "Warning", "reason": reason, "message": message, "lastTimestamp": at,
+            "involvedObject": {"kind": kind, "name": pod}}
+
+
+def test_scheduling_report_should_say_why_each_pending_pod_is_not_placed():
+    worker = "chat-vllm-rayservice-x7k2p-cpu-workers-worker-abcde"
+    pods = [_pod("chat-vllm-rayservice-x7k2p-head-4d2lq", "Running", {"status": "True"}),
+            _pod(worker, "Pending", {"status": "False", "reason": "Unschedulable",
+                                     "message": "0/1 nodes are available: 1 Insufficient memory."}),
+            _pod("chat-vllm-rayservice-x7k2p-cpu-workers-worker-fghij", "Pending", {"status": "True"})]
+    events = [_event(worker, "FailedScheduling", "0/1 nodes are available: 1 Insufficient memory.",
+                     "2026-11-20T10:02:00Z"),
+              _event(worker, "FailedScheduling", "0/1 nodes are available: 1 Insufficient cpu.", "2026-11-20T10:01:00Z"),
+              _event("other-pod", "FailedScheduling", "not this one", "2026-11-20T10:01:30Z"),
+              _event(worker, "Created", "the RayCluster's event, not the pod's", "2026-11-20T10:00:00Z",
+                     kind="RayCluster")]
+    report = cluster.scheduling_report(pods, events)
+    assert report.splitlines() == [
+        f"Pod {worker} is Pending, not scheduled (Unschedulable): 0/1 nodes are available: 1 Insufficient memory.",
+        "  2026-11-20T10:01:00Z Warning FailedScheduling: 0/1 nodes are available: 1 Insufficient cpu.",
+        "  2026-11-20T10:02:00Z Warning FailedScheduling: 0/1 nodes are available: 1 Insufficient memory.",
+        "Pod chat-vllm-rayservice-x7k2p-cpu-workers-worker-fghij is Pending, scheduled, containers not started yet",
+        "  (no events)",
+    ]
+
+
+def test_scheduling_report_should_be_empty_when_nothing_is_pending():
+    assert cluster.scheduling_report([_pod("a", "Running", {"status": "True"})], []) == ""
+
+
+def _operator_pod(image, name="kuberay-operator"):
+    return {"kind": "Pod", "metadata": {"name": "kuberay-operator-5d8f7c9b6-x2x4z",
+                                        "labels": dict(cluster.OPERATOR_SELECTOR)},
+            "spec": {"containers": [{"name": name, "image": image}]}}
+
+
+@pytest.mark.parametrize("image, version", [
+    ("quay.io/kuberay/operator:v1.4.2", "1.4.2"),  # the kuberay-operator Helm chart
+    ("kuberay/operator:v1.7.0", "1.7.0"),
+    ("registry.local:5000/kuberay/operator:1.6.1", "1.6.1"),  # a registry with a port
+    ("quay.io/kuberay/operator:latest", None),
+    ("quay.io/kuberay/operator@sha256:" + "a" * 64, None),
+    ("quay.io/kuberay/operator:v1.5.0-rc.1", None),
+])
+def test_operator_version_should_come_from_the_operators_image_tag(image, version):
+    """Not the CRD's controller-gen annotation, which is the code generator's version."""
+    assert cluster.operator_version([_operator_pod(image)]) == (image, version)
+
+
+def test_operator_version_should_say_when_no_operator_pod_is_found_or_two_disagree():
+    assert cluster.operator_version([]) == ("not found", None)
+    image, version = cluster.operator_version([_operator_pod("kuberay/operator:v1.4.2"),
+                                               _operator_pod("kuberay/operator:v1.7.0")])
+    assert image == "kuberay/operator:v1.4.2, kuberay/operator:v1.7.0" and version is None

@@ -7,7 +7,8 @@ import urllib.request
 
 import pytest
 
-from tests.cluster.conftest import REPO, port_forward, release_objects, run_helm_test, wait_ready
+from tests.cluster.conftest import (REPO, expected_workers, port_forward, release_objects, run_helm_test, uninstall,
+                                   wait_ready, wait_until)
 from tools import cluster
 
 pytestmark = pytest.mark.cluster
@@ -36,13 +37,6 @@ def _running_workers(release) -> int:
     return sum(1 for pod in pods if pod.obj.get("status", {}).get("phase") == "Running")
 
 
-def _wait(check, timeout: float, what: str) -> None:
-    try:
-        cluster.wait_for(check, timeout=timeout, poll=10, transient=cluster.TRANSIENT_ERRORS)
-    except cluster.WaitTimeout as error:
-        pytest.fail(f"{what}: {error}")
-
-
 def _scale(release, replicas: int, timeout: float) -> None:
     """`helm upgrade --reuse-values --set serving.replicas=N`, then wait for Serve and the workers."""
     release.helm.upgrade(str(REPO), release.name, {"serving": {"replicas": replicas}},
@@ -58,20 +52,23 @@ def _scale(release, replicas: int, timeout: float) -> None:
         return cluster.Readiness(running == replicas, False, f"{running} Serve replicas running: "
                                  f"{details.get('applications', {}).get('llm', {}).get('deployments')}")
 
-    _wait(serve_replicas, timeout, f"Serve did not reach {replicas} running replicas")
+    wait_until(release, serve_replicas, timeout, f"Serve did not reach {replicas} running replicas")
 
-    # Ray's autoscaler follows: one model replica per worker pod in the scenarios this suite runs;
-    # scale-down waits for the idle timeout.
+    # Ray's autoscaler follows with as many worker pods as the replicas fill (several share a
+    # multi-GPU pod); scale-down waits for the idle timeout.
+    expected = expected_workers(release, replicas)
+
     def workers():
         running = _running_workers(release)
-        return cluster.Readiness(running == replicas, False, f"{running} worker pods running")
+        return cluster.Readiness(running == expected, False, f"{running} worker pods running")
 
-    _wait(workers, timeout, f"worker pods did not follow to {replicas}")
+    wait_until(release, workers, timeout, f"worker pods did not follow to {expected} for {replicas} replicas")
 
 
 def test_prerequisites_should_be_in_place(prerequisites):
     assert "v1" in prerequisites["crd_versions"]
-    print(f"Kubernetes {prerequisites['kubernetes']}, RayService CRD versions {prerequisites['crd_versions']}")
+    print(f"Kubernetes {prerequisites['kubernetes']}, KubeRay operator {prerequisites['operator_image']}, "
+          f"RayService CRD versions {prerequisites['crd_versions']}")
 
 
 def test_endpoint_should_serve_openai_clients(release):
@@ -101,7 +98,7 @@ def test_helm_test_should_pass(release):
 
 
 def test_uninstall_should_remove_the_releases_objects(release):
-    release.helm.uninstall(release.name, timeout=300)
+    uninstall(release)
     deadline = time.monotonic() + 600
     while (left := release_objects(release.api, release.namespace, release.name)):
         if time.monotonic() > deadline:

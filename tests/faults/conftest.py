@@ -11,11 +11,11 @@ build/faults/figures.json, which `python -m tests.faults.figures` turns into the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -23,9 +23,13 @@ import httpx
 import psutil
 import pytest
 
+from tests import failure_context
 from tools import serve_local, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "files"))
+import vllm_app  # noqa: E402  (the code hash a rollout renders)
+
 FIGURES = REPO / "build" / "faults" / "figures.json"
 API_KEY = "fault-key-0123456789"
 SERVED_NAME = "tiny-llama"
@@ -100,7 +104,7 @@ class Stack:
         self.rollouts += 1
         path = self.app_dir / "vllm_app.py"
         path.write_text(path.read_text() + f"\n# rollout {self.rollouts}\n")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = vllm_app.code_digest(self.app_dir)
         self.app["runtime_env"]["env_vars"]["VLLM_APP_SHA256"] = digest
         self.serve.submit()
         return digest
@@ -119,7 +123,9 @@ def stack(tmp_path_factory):
     with serve_local.LocalServe(config, api_key=serve_local.api_key_from(merged),
                                 dashboard_port=serve_local.free_port(),
                                 extra_env={"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(app_dir)}) as running:
+        failure_context.watch(running)
         yield Stack(running, app_dir)
+        failure_context.unwatch(running)
 
 
 @pytest.fixture

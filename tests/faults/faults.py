@@ -55,6 +55,11 @@ def sigkill(pid: int):
     return lambda: os.kill(pid, signal.SIGKILL)
 
 
+def sigstop(pid: int):
+    """A hung process: alive, holding its sockets, doing nothing."""
+    return lambda: os.kill(pid, signal.SIGSTOP)
+
+
 def summary(result: dict) -> dict:
     everything = result["in_flight"] + result["healing"]
     last_end = max(o.ended for o in result["in_flight"]) - result["killed_at"]
@@ -64,4 +69,5 @@ def summary(result: dict) -> dict:
             "in_flight_ended_within_s": round(last_end, 2),
             "recovery_s": None if result["recovery_s"] is None else round(result["recovery_s"], 1),
             "health_seen": sorted({str(status) for _, status in result["health"]}),
+            "health_503_after_s": next((at for at, status in result["health"] if status == 503), None),
             "examples": load.details(everything)}

@@ -11,6 +11,7 @@ FIGURES = Path(__file__).resolve().parents[2] / "build" / "faults" / "figures.js
 
 ROWS = [
     ("engine_killed", "1. EngineCore SIGKILLed under 16 streams + 8 requests"),
+    ("engine_hung", "7. EngineCore SIGSTOPped (hung) under 16 streams + 8 requests"),
     ("replica_killed", "2. Serve replica SIGKILLed under 16 streams + 8 requests"),
     ("rollout_2_replicas", "3. New code rolled out under load, 2 replicas"),
     ("rollout_1_replica", "3. New code rolled out under load, 1 replica"),
@@ -31,7 +32,11 @@ def table(figures: dict) -> str:
         if key == "hostile_fuzz":
             lines.append(f"| {name} | {row['sent']} | 0 x 5xx | all 4xx or 200 | – | 0 | 0 | no restart |")
             continue
-        if "recovery_s" in row:
+        if key == "engine_hung":
+            recovery = (f"requests ended {row['in_flight_ended_within_s']} s after the stop, /health 503 at "
+                        f"{row['health_503_after_s']} s, first answer at {row['recovery_s']} s "
+                        f"(engineStallSeconds {row['engine_stall_s']})")
+        elif "recovery_s" in row:
             recovery = f"{row['recovery_s']} s to the first answer after the kill"
         elif "rollout_s" in row:
             recovery = f"{row['rollout_s']} s rollout; longest without an answer {row['longest_without_an_answer_s']} s"

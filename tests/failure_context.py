@@ -1,0 +1,111 @@
+"""What a failing test against the local stack prints, so that the next failure explains itself:
+the last HTTP responses the test process received (status and body), and the tail of the local
+Ray session's logs (the Serve replicas' and controller's log files, and the stderr of the Ray
+workers, where vLLM's engine reports a dead worker).
+
+A pytest plugin (tests/conftest.py loads it). A suite registers its running stack with
+`watch(local_serve)`; every httpx request of the test process is recorded, the `openai` SDK's
+included (it uses httpx).
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import httpx
+import pytest
+
+RESPONSES_KEPT = 6
+BODY_SHOWN = 1500
+LOG_LINES = 40
+
+_responses: collections.deque = collections.deque(maxlen=RESPONSES_KEPT)
+_stacks: list = []
+
+
+def watch(local_serve) -> None:
+    """Report this tools.serve_local.LocalServe's logs when a test fails."""
+    _stacks.append(local_serve)
+
+
+def unwatch(local_serve) -> None:
+    if local_serve in _stacks:
+        _stacks.remove(local_serve)
+
+
+def _record(send):
+    def recording_send(self, request, *args, **kwargs):
+        response = send(self, request, *args, **kwargs)
+        _responses.append(response)
+        return response
+
+    return recording_send
+
+
+def _record_async(send):
+    async def recording_send(self, request, *args, **kwargs):
+        response = await send(self, request, *args, **kwargs)
+        _responses.append(response)
+        return response
+
+    return recording_send
+
+
+httpx.Client.send = _record(httpx.Client.send)
+httpx.AsyncClient.send = _record_async(httpx.AsyncClient.send)
+
+
+def _describe(response: httpx.Response) -> str:
+    request = response.request
+    try:
+        body = response.content.decode("utf-8", "replace")  # read already, unless it was a stream
+    except httpx.ResponseNotRead:
+        body = "<streamed; not kept>"
+    if len(body) > BODY_SHOWN:
+        body = body[:BODY_SHOWN] + f"... ({len(body)} characters)"
+    return f"{request.method} {request.url} -> {response.status_code}\n  {body}"
+
+
+def _tail(path: Path, lines: int = LOG_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError as error:
+        return f"  (cannot read: {error})"
+    return "\n".join("  " + line for line in text[-lines:])
+
+
+def log_tails(local_serve) -> str:
+    """The newest Serve replica logs, the controller's, and the newest Ray worker stderr files."""
+    temp_dir = getattr(local_serve, "_temp_dir", None)
+    if not temp_dir:
+        return "(the local Ray is stopped: no logs)"
+    logs = Path(temp_dir) / "session_latest" / "logs"
+
+    def newest(pattern: str, count: int) -> list[Path]:
+        return sorted(logs.glob(pattern), key=lambda path: path.stat().st_mtime)[-count:]
+
+    parts = []
+    for path in [*newest("serve/replica_*.log", 3), *newest("serve/controller_*.log", 1),
+                 *newest("worker-*.err", 2)]:
+        parts.append(f"--- {path.relative_to(logs)} (last {LOG_LINES} lines)\n{_tail(path)}")
+    return "\n".join(parts) or f"(no logs under {logs})"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    if _responses:
+        report.sections.append(("last HTTP responses", "\n".join(_describe(r) for r in _responses)))
+    for local_serve in _stacks:
+        report.sections.append((f"local Ray logs ({local_serve.url})", log_tails(local_serve)))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_responses():
+    """Each test reports only its own responses."""
+    _responses.clear()
+    yield
