@@ -126,6 +126,17 @@ class TestAdaptersVolume:
         assert before["spec"]["serveConfigV2"] != after["spec"]["serveConfigV2"]
 
 
+class TestNotes:
+    def test_should_name_the_adapters_and_how_to_add_one(self):
+        notes = chart.render(_lora(adapters=[{"name": "sql", "path": "sql"}, {"name": "bot", "path": "bot"}],
+                                   loadOnFirstUse=True), engine="python").notes
+        assert "Listed in values: sql, bot" in notes
+        assert "copy a new adapter there to add it with no restart" in notes
+
+    def test_should_say_nothing_of_adapters_when_lora_is_off(self):
+        assert "LoRA" not in chart.render(engine="python").notes
+
+
 # (values, text the error must contain)
 BAD_LORA_VALUES = [
     pytest.param({"lora": {"adapters": [{"name": "a", "path": "/a"}]}}, "set lora.enabled=true", id="adapters-while-off"),
