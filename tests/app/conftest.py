@@ -70,7 +70,10 @@ def server(tiny_model_dir, no_template_model_dir, named_keys_dir):
         # the tiny model never writes a call by itself, so `auto` answers in text.
         "openai": {"toolCallParser": "pythonic", "enableAutoToolChoice": True},
         "serving": {"apiKey": {"value": API_KEY}, "maxOngoingRequests": MAX_ONGOING,
-                    "maxQueuedRequests": MAX_QUEUED},
+                    "maxQueuedRequests": MAX_QUEUED,
+                    # These tests are not the watchdog's (tests/faults is): four engines share 2 cores
+                    # here, and a request once waited over 10 s for its first step.
+                    "engineStallSeconds": 120},
     }
     config, merged = serve_local.local_serve_config(
         [serve_local.DEFAULT_VALUES], model=str(tiny_model_dir), port=serve_local.free_port(), values=values)

@@ -117,7 +117,9 @@ def stack(tmp_path_factory):
     shutil.copytree(REPO / "files", app_dir)
     values = {"model": {"servedName": SERVED_NAME}, "engine": {"maxModelLen": MAX_MODEL_LEN},
               "serving": {"apiKey": {"value": API_KEY}, "maxOngoingRequests": MAX_ONGOING,
-                          "maxQueuedRequests": MAX_QUEUED}}
+                          "maxQueuedRequests": MAX_QUEUED,
+                          # Scenario 7's threshold: one engine, short requests, no grammars.
+                          "engineStallSeconds": 10}}
     config, merged = serve_local.local_serve_config(
         [serve_local.DEFAULT_VALUES], model=str(model), port=serve_local.free_port(), values=values)
     with serve_local.LocalServe(config, api_key=serve_local.api_key_from(merged),
