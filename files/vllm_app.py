@@ -348,16 +348,12 @@ def check_vllm_argument_names(args: AppArgs) -> None:
             raise ValueError(f"openai.extraArgs.{name} is set by the app itself: {instead}.")
 
 
-def vllm_server_args(args: AppArgs, on_replica: bool = True):
-    """The argparse Namespace `vllm serve` would build: vLLM's defaults, then our settings.
-
-    build_app calls it on the Serve controller (on_replica=False) only to check the values: the
-    adapters volume is mounted on the workers, not there, so vLLM's environment and its LoRA
-    resolver are set up on the replica alone."""
+def vllm_server_args(args: AppArgs):
+    """The argparse Namespace `vllm serve` would build: vLLM's defaults, then our settings."""
     vllm = _vllm_internals()
     check_vllm_argument_names(args)
     # Before vLLM's parser: building it loads vLLM's plugins, which read their environment once.
-    environment = vllm_environment_settings(args) if on_replica else {}
+    environment = vllm_environment_settings(args)
     if environment.get("VLLM_LORA_RESOLVER_CACHE_DIR") and not Path(args.lora.folder).is_dir():
         raise RuntimeError(f"lora.folder is {args.lora.folder}, but no folder is there; check that the "
                            "adapters volume (lora.volume) is mounted.")
@@ -1115,7 +1111,7 @@ def build_app(args: dict) -> serve.Application:
     try:
         # vLLM's own parsing and checks of every engine/frontend value, before any replica starts,
         # so a bad value fails the deploy at once with one line naming it.
-        vllm_server_args(app_args, on_replica=False)
+        vllm_server_args(app_args)
     except ModuleNotFoundError:
         pass  # a controller without vLLM: the replica checks when it builds vLLM's arguments
     except SettingError as error:
