@@ -77,10 +77,9 @@ def _tail(path: Path, lines: int = LOG_LINES) -> str:
 
 def log_tails(local_serve) -> str:
     """The newest Serve replica logs, the controller's, and the newest Ray worker stderr files."""
-    temp_dir = getattr(local_serve, "_temp_dir", None)
-    if not temp_dir:
+    logs = local_serve.logs_dir
+    if logs is None:
         return "(the local Ray is stopped: no logs)"
-    logs = Path(temp_dir) / "session_latest" / "logs"
 
     def newest(pattern: str, count: int) -> list[Path]:
         return sorted(logs.glob(pattern), key=lambda path: path.stat().st_mtime)[-count:]

@@ -32,6 +32,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Optional
 
 from tools import chart, tiny_model
@@ -57,18 +58,21 @@ FREE_PORTS = range(21000, 30000)
 _handed_out: set = set()
 
 
+def _can_bind(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (everything local listens on loopback only), not handed out before."""
     for port in random.sample(FREE_PORTS, 200):
-        if port in _handed_out:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
+        if port not in _handed_out and _can_bind(port):
+            _handed_out.add(port)
+            return port
     raise LocalServeError(f"no free port in {FREE_PORTS.start}-{FREE_PORTS.stop - 1} on 127.0.0.1")
 
 
@@ -78,18 +82,9 @@ def direct_ingress_ports(block: int = 50) -> dict:
     otherwise starts its replicas' HTTP servers at 30000, and they bind with SO_REUSEPORT: a second
     local Ray on the machine (the CLI test beside the app tests' server) then shares port 30000
     with the first, and the kernel hands its requests to either (seen: a 401 from the other app)."""
-    def all_free(ports) -> bool:
-        for port in ports:
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    return False
-        return True
-
     for start in random.sample(range(30000, 31000, block), 1000 // block):
-        if start not in _handed_out and all_free(range(start, start + block)) \
-                and all_free(range(start + 10000, start + 10000 + block)):
+        if start not in _handed_out and all(map(_can_bind, range(start, start + block))) \
+                and all(map(_can_bind, range(start + 10000, start + 10000 + block))):
             _handed_out.add(start)
             return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(start),
                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(start + block - 1),
@@ -165,6 +160,11 @@ class LocalServe:
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self._temp_dir: Optional[str] = None
         self._saved_env: dict = {}
+
+    @property
+    def logs_dir(self) -> Optional[Path]:
+        """The running local Ray session's log folder (serve/ holds the replicas' logs), or None."""
+        return Path(self._temp_dir) / "session_latest" / "logs" if self._temp_dir else None
 
     # -- lifecycle -----------------------------------------------------------------------------
 

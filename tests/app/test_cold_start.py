@@ -6,7 +6,6 @@ tests/app/conftest.py runs without the warm-up, so the request below is its engi
 On a CPU without AMX this test passes with or without the fix; on one with AMX it fails without it.
 """
 
-import glob
 import os
 import re
 
@@ -40,8 +39,7 @@ def test_a_fresh_replicas_first_request_may_be_a_2_token_prompt(server, model_na
 
 
 def _replica_logs(server) -> str:
-    logs = os.path.join(server._temp_dir, "session_latest", "logs", "serve")
-    return "".join(open(path, errors="replace").read() for path in glob.glob(os.path.join(logs, "replica_llm_*.log")))
+    return "".join(path.read_text(errors="replace") for path in (server.logs_dir / "serve").glob("replica_llm_*.log"))
 
 
 def test_a_replica_should_warm_its_engine_up_before_it_takes_traffic(server):

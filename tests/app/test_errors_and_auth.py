@@ -159,7 +159,7 @@ def test_each_request_should_log_one_line_without_prompt_or_key(server, http, mo
     usage = response.json()["usage"]
     # Ray writes the replica's log lines to the worker's stderr file and to Serve's replica log
     # file (logs/serve/replica_<app>_<deployment>_<id>.log, what Ray's dashboard shows).
-    logs = os.path.join(server._temp_dir, "session_latest", "logs")
+    logs = str(server.logs_dir)
     files = lambda: [path for path in glob.glob(os.path.join(logs, "**", "*"), recursive=True)  # noqa: E731
                      if os.path.isfile(path)]
     deadline, found = time.monotonic() + 30, {}
