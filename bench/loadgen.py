@@ -128,19 +128,21 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict) -> R
     return result
 
 
-async def run_level(base_url: str, model: str, prompts: list[str], *, concurrency: int, requests: int,
+async def run_level(base_url: str, model: str | list[str], prompts: list[str], *, concurrency: int, requests: int,
                     max_tokens: int, api_key: Optional[str] = None, time_limit: float = 120.0,
                     min_duration: float = 0.0, request_timeout: float = 300.0,
                     serving_cpu: Optional[Callable[[], float]] = None) -> LevelResult:
     """Send at least `requests` requests and keep sending for at least `min_duration` seconds, but
-    start none after `time_limit`. `serving_cpu()`, if given, reads the server's CPU seconds."""
+    start none after `time_limit`. `serving_cpu()`, if given, reads the server's CPU seconds.
+    `model` may be a list (e.g. LoRA adapters): the requests take its names in turn."""
+    models = [model] if isinstance(model, str) else list(model)
     url = base_url.rstrip("/") + "/v1/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     results: list[RequestResult] = []
     counter = itertools.count()
 
     def body(index: int) -> dict:
-        return {"model": model, "messages": [{"role": "user", "content": prompts[index % len(prompts)]}],
+        return {"model": models[index % len(models)], "messages": [{"role": "user", "content": prompts[index % len(prompts)]}],
                 "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
 

@@ -3,6 +3,7 @@ same model, same engine settings, same workload.
 
     python -m bench.run                          # tiny local model, CPU, the chart's CPU profile
     python -m bench.run --model /models/x -f my-values.yaml --concurrency 1,8,32
+    python -m bench.run --tiny-adapters 1 --servers app,app-b --b-request-model tiny-lora-0   # adapter vs model
 
 Workload: streaming chat completions over a fixed set of prompts of mixed lengths, `max_tokens`
 fixed with EOS ignored (every server produces the same tokens), at each concurrency in turn. Each
@@ -222,6 +223,22 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
+def tiny_adapter_values(model_dir: Path, folder: Path, count: int) -> dict:
+    """Chart values serving `count` tiny LoRA adapters (tools/tiny_lora.py) for the tiny model, from
+    `folder` standing for the adapters volume."""
+    from tools import tiny_lora
+
+    names = [f"tiny-lora-{index}" for index in range(count)]
+    for seed, name in enumerate(names, start=1):
+        tiny_lora.build(model_dir, folder / name, rank=8, seed=seed)
+    return {"lora": {"enabled": True, "maxLoraRank": 8, "adapters": [{"name": name, "path": name} for name in names],
+                     "volume": {"enabled": True, "mountPath": str(folder)}}}
+
+
 def start(name: str, config: dict, extra_env: dict, config_b: Optional[dict] = None,
           app_b: Optional[Path] = None):
     """A context manager that starts one server and yields its URL. app-b runs `config_b` (the
@@ -252,6 +269,13 @@ def main(argv=None) -> int:
     parser.add_argument("--b-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a chart value for app-b only, as helm --set takes it (e.g. "
                              "engine.streamInterval=4): the A/B of a value")
+    parser.add_argument("--request-model", type=_names, metavar="NAME[,NAME...]",
+                        help="the `model` requests name, in turn (default: the served model); e.g. LoRA adapters")
+    parser.add_argument("--b-request-model", type=_names, metavar="NAME[,NAME...]",
+                        help="the same, for app-b only: e.g. an adapter against the model on one config")
+    parser.add_argument("--tiny-adapters", type=int, default=0, metavar="N",
+                        help="with the tiny model: build N tiny LoRA adapters (tiny-lora-0, ...) and serve them "
+                             "from values on every server (lora.enabled, lora.adapters)")
     parser.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--rounds", type=int, default=2, help="rounds; servers alternate within each")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -270,23 +294,32 @@ def main(argv=None) -> int:
     unknown = sorted(set(names) - set(SERVER_NAMES))
     if unknown:
         parser.error(f"unknown servers {unknown}; choose from {','.join(SERVER_NAMES)}")
-    if ("app-b" in names) != (args.app_b is not None or bool(args.b_set)):
-        parser.error("app-b goes with --app-b FILE or --b-set KEY=VALUE, and they with it")
+    if ("app-b" in names) != (args.app_b is not None or bool(args.b_set) or bool(args.b_request_model)):
+        parser.error("app-b goes with --app-b FILE, --b-set KEY=VALUE or --b-request-model NAME, and they with it")
+    if args.tiny_adapters and args.model:
+        parser.error("--tiny-adapters builds adapters for the tiny model: leave --model out")
 
     extra_env = dict(item.split("=", 1) for item in args.env)
     model = args.model
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = {}
     if not model:
         model = str(tiny_model.build(serve_local.DEMO_MODEL_DIR))
         extra_env["HF_HUB_OFFLINE"] = "1"
+        if args.tiny_adapters:
+            overrides = tiny_adapter_values(Path(model), out.resolve() / "lora", args.tiny_adapters)
     config, _ = serve_local.local_serve_config(args.values or [serve_local.DEFAULT_VALUES], model=model,
-                                               port=serve_local.free_port())
+                                               port=serve_local.free_port(), values=overrides)
     config_b = None
     if args.b_set:
         config_b, _ = serve_local.local_serve_config(args.values or [serve_local.DEFAULT_VALUES], args.b_set,
-                                                     model=model, port=config["http_options"]["port"])
+                                                     model=model, port=config["http_options"]["port"],
+                                                     values=overrides)
     served = config["applications"][0]["args"]["model"]["servedName"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    asked = {name: args.request_model or served for name in names}
+    if args.b_request_model:
+        asked["app-b"] = args.b_request_model
 
     results: dict[str, list[list[dict]]] = {name: [] for name in names}
     started = time.monotonic()
@@ -295,14 +328,15 @@ def main(argv=None) -> int:
         for name in (names if round_index % 2 == 0 else list(reversed(names))):
             print(f"\n-- round {round_index + 1}/{args.rounds}", flush=True)
             with start(name, config, extra_env, config_b, args.app_b) as url:
-                results[name].append(run_server(name, url, served, args))
+                results[name].append(run_server(name, url, asked[name], args))
 
     report = {
         "machine": machine(),
         "settings": {"model": model, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                      "rounds": args.rounds, "min_seconds": args.min_seconds, "prompts": len(PROMPTS),
                      "env": extra_env, "vllm_args": servers.server_settings(config),
-                     "app_b": str(args.app_b) if args.app_b else None, "b_set": args.b_set},
+                     "app_b": str(args.app_b) if args.app_b else None, "b_set": args.b_set,
+                     "request_models": asked},
         "results": results,
         "summary": summary(results),
         "ratios": ratios(results),

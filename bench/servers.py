@@ -150,8 +150,8 @@ def vllm_server_command(kwargs: dict, port: int) -> list[str]:
             continue
         if value is True:
             command.append(flag)
-        elif isinstance(value, list):
-            command += [flag, *map(str, value)]
+        elif isinstance(value, list):  # objects (lora_modules) as JSON, one item each
+            command += [flag, *(json.dumps(item) if isinstance(item, dict) else str(item) for item in value)]
         elif isinstance(value, dict):
             command += [flag, json.dumps(value)]
         else:

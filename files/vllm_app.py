@@ -119,11 +119,61 @@ class ServingArgs(_Args):
     empty_is_unset = field_validator("api_key_env", "api_keys_dir", mode="before")(_empty_is_unset)
 
 
+# An adapter's name is the `model` clients send, and with loadOnFirstUse also a folder name in the
+# adapters volume: letters, digits and . _ : -, so that no name can reach outside that folder.
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+# The values vLLM 0.29 accepts for max_lora_rank (vllm.config.lora.MaxLoRARanks).
+LORA_RANKS = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+
+
+class LoraAdapter(_Args):
+    name: str = Field(pattern=ADAPTER_NAME)
+    # A folder in the pods with PEFT's adapter_config.json and adapter weights. The chart makes
+    # paths relative to the adapters volume absolute.
+    path: str = Field(min_length=1)
+
+
+class LoraArgs(_Args):
+    """LoRA adapters on top of the model: vLLM's --enable-lora and --lora-modules, and for
+    loadOnFirstUse vLLM's filesystem resolver on `folder` (README, "LoRA adapters")."""
+    enabled: bool = False
+    max_loras: int = Field(default=1, ge=1)
+    max_lora_rank: LORA_RANKS = 16
+    max_cpu_loras: Optional[int] = Field(default=None, ge=1)
+    adapters: list[LoraAdapter] = Field(default_factory=list)
+    load_on_first_use: bool = False
+    # The adapters volume, where loadOnFirstUse looks for `<folder>/<name>/`.
+    folder: Optional[str] = None
+
+    empty_is_unset = field_validator("folder", mode="before")(_empty_is_unset)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.adapters or self.load_on_first_use) and not self.enabled:
+            raise ValueError("adapters and loadOnFirstUse need enabled: true")
+        names = [adapter.name for adapter in self.adapters]
+        if duplicates := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"adapter names must be unique: {duplicates} appear more than once")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"maxCpuLoras ({self.max_cpu_loras}) must be at least maxLoras ({self.max_loras})")
+        if self.load_on_first_use and not self.folder:
+            raise ValueError("loadOnFirstUse needs folder, where the adapters are")
+        return self
+
+
 class AppArgs(_Args):
     model: ModelArgs
     engine: EngineArgs = Field(default_factory=EngineArgs)
     openai: OpenAIArgs = Field(default_factory=OpenAIArgs)
     serving: ServingArgs = Field(default_factory=ServingArgs)
+    lora: LoraArgs = Field(default_factory=LoraArgs)
+
+    @model_validator(mode="after")
+    def _adapters_are_not_the_model(self):
+        if any(adapter.name == self.model.name for adapter in self.lora.adapters):
+            raise ValueError(f"lora.adapters: an adapter is named {self.model.name!r}, the served model's "
+                             "name; clients could not tell them apart")
+        return self
 
 
 # vLLM imports this in each worker process (a worker_extension_cls); its import is the set-up.
@@ -160,6 +210,9 @@ def vllm_engine_settings(args: AppArgs) -> dict:
         # The replica actor holds all of its GPUs on one pod (the chart enforces it), so vLLM's
         # own worker processes share them; no Ray placement group is needed.
         settings["distributed_executor_backend"] = "mp"
+    if args.lora.enabled:
+        settings.update(enable_lora=True, max_loras=args.lora.max_loras, max_lora_rank=args.lora.max_lora_rank,
+                        max_cpu_loras=args.lora.max_cpu_loras)
     settings.update(engine.extra_args)
     return settings
 
@@ -178,7 +231,31 @@ def vllm_server_settings(args: AppArgs) -> dict:
         "enable_log_requests": False,
         **frontend.extra_args,
     }
+    if args.lora.adapters:
+        # `--lora-modules '{"name": ..., "path": ...}'` on vLLM's command line: listed in /v1/models
+        # with the served model as their parent.
+        settings["lora_modules"] = [{"name": adapter.name, "path": adapter.path} for adapter in args.lora.adapters]
     settings.update(disable_fastapi_docs=True, enable_request_id_headers=False, api_key=None)
+    return settings
+
+
+# vLLM's entry-point plugin that registers its filesystem LoRA resolver.
+LORA_RESOLVER_PLUGIN = "lora_filesystem_resolver"
+
+
+def vllm_environment_settings(args: AppArgs, environ: Optional[dict] = None) -> dict:
+    """vLLM settings that are environment variables, not arguments. loadOnFirstUse is vLLM's
+    filesystem resolver: with runtime LoRA updating on, a request naming an adapter vLLM does not
+    hold makes vLLM look for `<folder>/<name>/` and load it. Runtime updating also mounts vLLM's
+    /v1/load_lora_adapter and /v1/unload_lora_adapter, which the gate (section 4) keeps closed."""
+    lora = args.lora
+    if not (lora.enabled and lora.load_on_first_use):
+        return {}
+    settings = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_LORA_RESOLVER_CACHE_DIR": lora.folder}
+    plugins = (os.environ if environ is None else environ).get("VLLM_PLUGINS")
+    if plugins is not None and LORA_RESOLVER_PLUGIN not in plugins.split(","):
+        # VLLM_PLUGINS set in the pods (an allowlist) would leave the resolver out silently.
+        settings["VLLM_PLUGINS"] = ",".join(filter(None, [plugins, LORA_RESOLVER_PLUGIN]))
     return settings
 
 
@@ -230,6 +307,8 @@ def _vllm_internals():
             make_arg_parser,
             validate_parsed_serve_args,
         )
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+        from vllm.lora.resolver import LoRAResolverRegistry
         from vllm.usage.usage_lib import UsageContext
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -247,7 +326,8 @@ def _vllm_internals():
                 build_vllm_app=build_vllm_app, FrontendArgs=FrontendArgs, make_arg_parser=make_arg_parser,
                 validate_parsed_serve_args=validate_parsed_serve_args, UsageContext=UsageContext,
                 FlexibleArgumentParser=FlexibleArgumentParser, AsyncLLM=AsyncLLM,
-                RayPrometheusStatLogger=RayPrometheusStatLogger, StatLoggerBase=StatLoggerBase)
+                RayPrometheusStatLogger=RayPrometheusStatLogger, StatLoggerBase=StatLoggerBase,
+                LoadLoRAAdapterRequest=LoadLoRAAdapterRequest, LoRAResolverRegistry=LoRAResolverRegistry)
 
 
 def check_vllm_argument_names(args: AppArgs) -> None:
@@ -268,21 +348,37 @@ def check_vllm_argument_names(args: AppArgs) -> None:
             raise ValueError(f"openai.extraArgs.{name} is set by the app itself: {instead}.")
 
 
-def vllm_server_args(args: AppArgs):
-    """The argparse Namespace `vllm serve` would build: vLLM's defaults, then our settings."""
+def vllm_server_args(args: AppArgs, on_replica: bool = True):
+    """The argparse Namespace `vllm serve` would build: vLLM's defaults, then our settings.
+
+    build_app calls it on the Serve controller (on_replica=False) only to check the values: the
+    adapters volume is mounted on the workers, not there, so vLLM's environment and its LoRA
+    resolver are set up on the replica alone."""
     vllm = _vllm_internals()
     check_vllm_argument_names(args)
+    # Before vLLM's parser: building it loads vLLM's plugins, which read their environment once.
+    environment = vllm_environment_settings(args) if on_replica else {}
+    if environment.get("VLLM_LORA_RESOLVER_CACHE_DIR") and not Path(args.lora.folder).is_dir():
+        raise RuntimeError(f"lora.folder is {args.lora.folder}, but no folder is there; check that the "
+                           "adapters volume (lora.volume) is mounted.")
+    os.environ.update(environment)
     parser = vllm["make_arg_parser"](vllm["FlexibleArgumentParser"]())
+    if environment:
+        _hold_resolver_to_adapter_names(vllm["LoRAResolverRegistry"])
     namespace = parser.parse_args([])
     # Arguments that hold a config object (e.g. structured_outputs_config) take JSON on vLLM's
     # command line; a map from values goes through the same parser, so it is checked the same way.
     parse_json = {action.dest: action.type for action in parser._actions if callable(action.type)}
+    option = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
     for name, value in vllm_server_settings(args).items():
         if isinstance(value, dict) and name in parse_json:
             try:
                 value = parse_json[name](json.dumps(value))
             except Exception as error:
                 raise SettingError(f"{_chart_key(args, name)}: vLLM says: {_one_line(error)}") from error
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            # A list of objects (lora_modules) takes one JSON item each on the command line.
+            value = getattr(parser.parse_args([option[name], *map(json.dumps, value)]), name)
         setattr(namespace, name, value)
     try:
         vllm["validate_parsed_serve_args"](namespace)
@@ -350,7 +446,9 @@ async def start_vllm_server(args: AppArgs, on_step=None):
     try:
         tasks = await engine.get_supported_tasks()
         app = vllm["build_vllm_app"](namespace, tasks, engine.model_config)
+        adapters, namespace.lora_modules = namespace.lora_modules, None  # loaded below, one by one
         await vllm["init_app_state"](engine, app.state, namespace, tasks)
+        await load_lora_adapters(app, adapters or [])
         # On a dead engine vLLM's error handler asks its uvicorn server to exit through
         # app.state.server; here Serve's health check replaces the replica instead, but the
         # attribute must exist or the handler fails with AttributeError in place of the error.
@@ -422,6 +520,66 @@ def kill_engine_processes() -> list[int]:
     return killed
 
 
+# The name vLLM 0.29's filesystem resolver plugin registers under.
+FILESYSTEM_RESOLVER = "Filesystem Resolver"
+
+
+def _hold_resolver_to_adapter_names(registry) -> None:
+    """Let vLLM's filesystem resolver look only for names values would accept (ADAPTER_NAME).
+
+    It joins the requested `model` to its folder as it is: "../x" or "/x" would load an adapter from
+    outside the adapters volume, and "a/." or "./a" would load the same adapter again under endless
+    names, each one more entry in /v1/models and one more metrics label. Other names get vLLM's 404.
+    """
+    try:
+        resolver = registry.get_resolver(FILESYSTEM_RESOLVER)
+    except KeyError:
+        raise RuntimeError(f"lora.loadOnFirstUse needs vLLM's {FILESYSTEM_RESOLVER!r}, which vLLM "
+                           f"{VLLM_VERSION_TESTED} registers from its lora_filesystem_resolver plugin; it is "
+                           "not registered (README, \"Versions\").") from None
+    if getattr(resolver, "held_to_adapter_names", False):
+        return
+    resolve_lora = resolver.resolve_lora
+
+    async def resolve_adapter_names_only(base_model_name: str, lora_name: str):
+        if not re.fullmatch(ADAPTER_NAME, lora_name or ""):
+            return None
+        return await resolve_lora(base_model_name, lora_name)
+
+    resolver.resolve_lora = resolve_adapter_names_only
+    resolver.held_to_adapter_names = True
+
+
+async def load_lora_adapters(app, adapters) -> dict[str, str]:
+    """Load the adapters from values (lora_modules) through vLLM's own loader, one at a time.
+
+    vLLM's server refuses to start when one listed adapter cannot be loaded (a missing folder, a
+    rank above max_lora_rank, a corrupt file); here that adapter is left out, with an error in the
+    log that names it and says why, and the replica serves the model and the other adapters. A
+    request for it gets vLLM's 404, as for any model it does not serve. Returns {name: why}.
+    """
+    vllm = _vllm_internals()
+    models = app.state.openai_serving_models
+    left_out = {}
+    for adapter in adapters:
+        request = vllm["LoadLoRAAdapterRequest"](lora_name=adapter.name, lora_path=adapter.path,
+                                                 is_3d_lora_weight=adapter.is_3d_lora_weight)
+        result = await models.load_lora_adapter(request, base_model_name=adapter.base_model_name)
+        if not isinstance(result, str):  # vLLM's ErrorResponse
+            left_out[adapter.name] = result.error.message
+            logger.error("LoRA adapter %r (%s) is not served: %s", adapter.name, adapter.path, result.error.message)
+    return left_out
+
+
+def lora_adapters_held(app) -> list[str]:
+    """The adapters this replica's vLLM holds: from values, and those loaded on first use.
+
+    The seam for adapter-affinity routing: a request router that prefers replicas already holding
+    the requested adapter reads this per replica (e.g. through Serve's record_routing_stats)."""
+    models = getattr(app.state, "openai_serving_models", None)
+    return sorted(getattr(models, "lora_requests", None) or ())
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Usage accounting. vLLM's serving objects call the engine's generate() once per prompt; a
 #    thin subclass counts the tokens into the HTTP request that caused them (a context variable,
@@ -434,6 +592,10 @@ def kill_engine_processes() -> list[int]:
 # file names, which a Kubernetes Secret key cannot write with a leading "<".
 UNAUTHENTICATED, ANONYMOUS = "<none>", "<anonymous>"
 UNMATCHED = "<unmatched>"  # the route label of requests for no public route
+# The model label of requests that generated nothing (errors, /v1/models, /tokenize, ...). A served
+# request carries the name the engine served it under: the model's, or its LoRA adapter's, so a
+# client's unknown `model` never becomes a label.
+NO_MODEL = "<none>"
 
 
 class RequestRecord:
@@ -444,6 +606,7 @@ class RequestRecord:
         self.started = time.monotonic()
         self.route = UNMATCHED  # the route's template, once matched
         self.key = UNAUTHENTICATED  # the name of the API key it came with, once checked
+        self.model = NO_MODEL  # the model or LoRA adapter the engine served it with
         self.status = 0
         self.complete = False  # the last byte of the response went out
         self.prompt_tokens = 0
@@ -460,7 +623,7 @@ class RequestRecord:
     def line(self) -> str:
         latency_ms = (time.monotonic() - self.started) * 1000
         line = (f"request_id={self.request_id} method={self.method} route={self.path} key={self.key} "
-                f"status={self.status} "
+                f"status={self.status} model={self.model} "
                 f"prompt_tokens={self.prompt_tokens} completion_tokens={self.completion_tokens} "
                 f"latency_ms={latency_ms:.0f}")
         if self.prompt_text is not None:
@@ -469,24 +632,29 @@ class RequestRecord:
 
 
 class UsageMetrics:
-    """Per-key counters on Ray's metrics export (`ray_vllm_rayservice_*` on each pod's metrics port)."""
+    """Per-key counters on Ray's metrics export (`ray_vllm_rayservice_*` on each pod's metrics port),
+    also by model, so that the usage of each LoRA adapter shows."""
 
     def __init__(self):
         from ray.util.metrics import Counter
 
-        self.requests = Counter("vllm_rayservice_requests", "HTTP requests by API key name, route and status.",
-                                tag_keys=("key", "route", "status"))
-        self.prompt_tokens = Counter("vllm_rayservice_prompt_tokens", "Prompt tokens by API key name.",
-                                     tag_keys=("key",))
+        self.requests = Counter("vllm_rayservice_requests",
+                                "HTTP requests by API key name, route, status and model or LoRA adapter.",
+                                tag_keys=("key", "route", "status", "model"))
+        self.prompt_tokens = Counter("vllm_rayservice_prompt_tokens",
+                                     "Prompt tokens by API key name and model or LoRA adapter.",
+                                     tag_keys=("key", "model"))
         self.completion_tokens = Counter("vllm_rayservice_completion_tokens",
-                                         "Generated tokens by API key name.", tag_keys=("key",))
+                                         "Generated tokens by API key name and model or LoRA adapter.",
+                                         tag_keys=("key", "model"))
 
     def record(self, record: "RequestRecord") -> None:
-        self.requests.inc(1, {"key": record.key, "route": record.route, "status": str(record.status)})
+        tags = {"key": record.key, "model": record.model}
+        self.requests.inc(1, {**tags, "route": record.route, "status": str(record.status)})
         if record.prompt_tokens:
-            self.prompt_tokens.inc(record.prompt_tokens, {"key": record.key})
+            self.prompt_tokens.inc(record.prompt_tokens, tags)
         if record.completion_tokens:
-            self.completion_tokens.inc(record.completion_tokens, {"key": record.key})
+            self.completion_tokens.inc(record.completion_tokens, tags)
 
 
 _current_request: contextvars.ContextVar[Optional[RequestRecord]] = contextvars.ContextVar(
@@ -499,6 +667,9 @@ def _metered(async_llm_class):
     class MeteredAsyncLLM(async_llm_class):
         async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
             record = _current_request.get()
+            if record is not None:
+                lora = kwargs.get("lora_request")
+                record.model = lora.lora_name if lora is not None else self.model_config.served_model_name
             delta = getattr(getattr(sampling_params, "output_kind", None), "name", "") == "DELTA"
             outputs = super().generate(prompt, sampling_params, request_id, *args, **kwargs)
             first = True
@@ -917,7 +1088,7 @@ class VLLMServer:
         """Request counters and the engine's unfinished requests, for operators and tests (through
         a Serve handle, not HTTP)."""
         return {**self.gate.stats, "engine_unfinished": self.engine.get_num_unfinished_requests(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "lora_adapters": lora_adapters_held(self.gate.app)}
 
     def __del__(self):
         if getattr(self, "engine", None) is not None:
@@ -944,7 +1115,7 @@ def build_app(args: dict) -> serve.Application:
     try:
         # vLLM's own parsing and checks of every engine/frontend value, before any replica starts,
         # so a bad value fails the deploy at once with one line naming it.
-        vllm_server_args(app_args)
+        vllm_server_args(app_args, on_replica=False)
     except ModuleNotFoundError:
         pass  # a controller without vLLM: the replica checks when it builds vLLM's arguments
     except SettingError as error:

@@ -121,6 +121,34 @@ VLLM_RAYSERVICE_API_KEY
 {{- end }}
 {{- end }}
 
+{{/* The LoRA adapters claim (empty when the adapters volume is off). */}}
+{{- define "vllm-rayservice.loraClaimName" -}}
+{{- if .Values.lora.volume.enabled }}
+{{- default (printf "%s-lora-adapters" (include "vllm-rayservice.fullname" .)) .Values.lora.volume.existingClaim }}
+{{- end }}
+{{- end }}
+
+{{/*
+args.lora of the app contract: adapter paths made absolute (a relative one starts at the adapters
+volume), and the folder loadOnFirstUse looks in. Rendered as JSON, for fromJson.
+*/}}
+{{- define "vllm-rayservice.loraArgs" -}}
+{{- $mountPath := trimSuffix "/" .Values.lora.volume.mountPath }}
+{{- $adapters := list }}
+{{- range .Values.lora.adapters }}
+{{- $path := ternary .path (printf "%s/%s" $mountPath (trimPrefix "./" .path)) (hasPrefix "/" .path) }}
+{{- $adapters = append $adapters (dict "name" .name "path" $path) }}
+{{- end }}
+{{- toJson (dict
+  "enabled" .Values.lora.enabled
+  "maxLoras" (int .Values.lora.maxLoras)
+  "maxLoraRank" (int .Values.lora.maxLoraRank)
+  "maxCpuLoras" (ternary nil (int .Values.lora.maxCpuLoras) (kindIs "invalid" .Values.lora.maxCpuLoras))
+  "adapters" $adapters
+  "loadOnFirstUse" .Values.lora.loadOnFirstUse
+  "folder" (ternary $mountPath "" .Values.lora.volume.enabled)) }}
+{{- end }}
+
 {{/* GPUs one model replica needs: every tensor-parallel shard of every pipeline stage. 0 on CPU workers. */}}
 {{- define "vllm-rayservice.gpusPerReplica" -}}
 {{- if gt (int .Values.workers.gpus) 0 }}
@@ -264,7 +292,7 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "import_path" "vllm_app:build_app"
   "route_prefix" "/"
   "runtime_env" (dict "env_vars" (dict "VLLM_APP_SHA256" (include "vllm-rayservice.appCodeHash" .)))
-  "args" (dict "model" $model "engine" $engine "openai" $openai "serving" $serving)
+  "args" (dict "model" $model "engine" $engine "openai" $openai "serving" $serving "lora" (include "vllm-rayservice.loraArgs" . | fromJson))
   "deployments" (list $deployment) }}
 {{- $config := dict
   "proxy_location" "EveryNode"
@@ -333,6 +361,25 @@ KubeRay's ray-service.high-throughput-llm sample). With serving.ingress=haproxy 
 - name: api-keys
   mountPath: {{ . }}
   readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The adapters volume on the worker pods, which run the model replicas (none on the head). */}}
+{{- define "vllm-rayservice.loraVolumeMounts" -}}
+{{- if .Values.lora.volume.enabled }}
+# Read-only: vLLM only reads adapters, and a replica must not change them for the others.
+- name: lora-adapters
+  mountPath: {{ .Values.lora.volume.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "vllm-rayservice.loraVolumes" -}}
+{{- with include "vllm-rayservice.loraClaimName" . }}
+- name: lora-adapters
+  persistentVolumeClaim:
+    claimName: {{ . }}
+    readOnly: true
 {{- end }}
 {{- end }}
 

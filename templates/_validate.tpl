@@ -62,6 +62,7 @@ free slot. */}}
 {{- if and .Values.model.cache.existingClaim (not .Values.model.cache.enabled) }}
 {{- fail "model.cache.existingClaim is set but model.cache.enabled is false: set model.cache.enabled=true to mount it, or drop the claim." }}
 {{- end }}
+{{- include "vllm-rayservice.validateLora" . }}
 {{- if and (ne .Values.service.type "LoadBalancer") .Values.service.loadBalancerSourceRanges }}
 {{- fail (printf "service.loadBalancerSourceRanges only applies to service.type LoadBalancer, not %s." .Values.service.type) }}
 {{- end }}
@@ -73,4 +74,38 @@ free slot. */}}
 {{- end }}
 {{- include "vllm-rayservice.validateKubeRay" . }}
 {{- include "vllm-rayservice.validateKubeRayVersion" . }}
+{{- end }}
+
+{{/* The LoRA rules; each message names the key and what to change. */}}
+{{- define "vllm-rayservice.validateLora" -}}
+{{- $lora := .Values.lora }}
+{{- if and (not $lora.enabled) (or $lora.adapters $lora.loadOnFirstUse) }}
+{{- fail "lora.adapters or lora.loadOnFirstUse is set but lora.enabled is false: set lora.enabled=true to serve adapters." }}
+{{- end }}
+{{- if and $lora.loadOnFirstUse (not $lora.volume.enabled) }}
+{{- fail "lora.loadOnFirstUse is true but lora.volume.enabled is false: vLLM loads unlisted adapters from the adapters volume. Set lora.volume.enabled=true (and lora.volume.existingClaim to your claim)." }}
+{{- end }}
+{{- if and $lora.volume.existingClaim (not $lora.volume.enabled) }}
+{{- fail "lora.volume.existingClaim is set but lora.volume.enabled is false: set lora.volume.enabled=true to mount it, or drop the claim." }}
+{{- end }}
+{{- if and (not (kindIs "invalid" $lora.maxCpuLoras)) (lt (int $lora.maxCpuLoras) (int $lora.maxLoras)) }}
+{{- fail (printf "lora.maxCpuLoras (%d) is below lora.maxLoras (%d): the adapters in a batch must also fit in CPU memory. Raise lora.maxCpuLoras or leave it empty." (int $lora.maxCpuLoras) (int $lora.maxLoras)) }}
+{{- end }}
+{{- $served := default .Values.model.id .Values.model.servedName }}
+{{- $seen := dict }}
+{{- range $index, $adapter := $lora.adapters }}
+{{- if eq $adapter.name $served }}
+{{- fail (printf "lora.adapters[%d].name is %q, the served model's name (model.servedName, else model.id): clients could not tell them apart. Rename the adapter." $index $adapter.name) }}
+{{- end }}
+{{- if hasKey $seen $adapter.name }}
+{{- fail (printf "lora.adapters[%d].name %q is already the name of lora.adapters[%d]: each adapter needs its own name." $index $adapter.name (get $seen $adapter.name)) }}
+{{- end }}
+{{- $_ := set $seen $adapter.name $index }}
+{{- if regexMatch "(^|/)\\.\\.(/|$)" $adapter.path }}
+{{- fail (printf "lora.adapters[%d].path %q goes up with \"..\": give the adapter's folder inside lora.volume, or an absolute path." $index $adapter.path) }}
+{{- end }}
+{{- if and (not (hasPrefix "/" $adapter.path)) (not $lora.volume.enabled) }}
+{{- fail (printf "lora.adapters[%d].path %q is relative to the adapters volume, but lora.volume.enabled is false. Set lora.volume.enabled=true, or give an absolute path in the pods." $index $adapter.path) }}
+{{- end }}
+{{- end }}
 {{- end }}

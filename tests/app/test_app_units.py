@@ -171,6 +171,135 @@ class TestArgsContract:
 
 
 
+
+class TestLoraContract:
+    LORA = {"model": {"id": "org/model", "servedName": "chat"},
+            "lora": {"enabled": True, "maxLoras": 2, "maxLoraRank": 8, "maxCpuLoras": 4,
+                     "adapters": [{"name": "sql", "path": "/adapters/sql"}, {"name": "bot:v2", "path": "/adapters/b"}]}}
+
+    def test_adapters_should_reach_vllm_as_its_own_parser_reads_lora_modules(self):
+        from vllm.entrypoints.openai.models.protocol import LoRAModulePath
+
+        namespace = vllm_app.vllm_server_args(vllm_app.AppArgs.model_validate(self.LORA))
+        assert (namespace.enable_lora, namespace.max_loras, namespace.max_lora_rank, namespace.max_cpu_loras) == (
+            True, 2, 8, 4)
+        # As `--lora-modules name=path`: no base model name, so /v1/models shows the served model as parent.
+        assert namespace.lora_modules == [LoRAModulePath("sql", "/adapters/sql"), LoRAModulePath("bot:v2", "/adapters/b")]
+
+    def test_the_resolver_environment_should_keep_a_plugin_allowlist_working(self):
+        args = vllm_app.AppArgs.model_validate({"model": {"id": "m"}, "lora": {
+            "enabled": True, "loadOnFirstUse": True, "folder": "/adapters"}})
+        base = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_LORA_RESOLVER_CACHE_DIR": "/adapters"}
+        assert vllm_app.vllm_environment_settings(args, environ={}) == base
+        assert vllm_app.vllm_environment_settings(args, environ={"VLLM_PLUGINS": "mine"}) == {
+            **base, "VLLM_PLUGINS": "mine,lora_filesystem_resolver"}
+        assert vllm_app.vllm_environment_settings(args, environ={"VLLM_PLUGINS": "lora_filesystem_resolver"}) == base
+
+    def test_a_resolver_folder_that_is_not_there_should_fail_naming_the_volume(self, tmp_path):
+        args = vllm_app.AppArgs.model_validate({"model": {"id": "m"}, "lora": {
+            "enabled": True, "loadOnFirstUse": True, "folder": str(tmp_path / "absent")}})
+        with pytest.raises(RuntimeError, match="lora.folder .* check that the adapters volume"):
+            vllm_app.vllm_server_args(args)
+
+    def test_the_controller_should_not_need_the_adapters_volume(self, tmp_path):
+        """build_app runs on the Serve controller (the head pod), which does not mount the volume."""
+        app = vllm_app.build_app({"model": {"id": "m"}, "lora": {
+            "enabled": True, "loadOnFirstUse": True, "folder": str(tmp_path / "absent")}})
+        assert app is not None
+
+    @pytest.mark.parametrize("name, looked_up", [
+        ("sql", True), ("team.bot:v2", True), ("../sql", False), ("/etc/sql", False), ("sql/.", False),
+        ("./sql", False), ("", False), ("a" * 129, False)])
+    def test_the_resolver_should_look_only_for_names_values_accept(self, name, looked_up):
+        """vLLM's filesystem resolver joins the name to its folder as it is."""
+        import asyncio
+
+        asked = []
+
+        class Resolver:
+            async def resolve_lora(self, base_model_name, lora_name):
+                asked.append(lora_name)
+                return "a LoRARequest"
+
+        class Registry:
+            resolver = Resolver()
+
+            def get_resolver(self, name):
+                assert name == "Filesystem Resolver"
+                return self.resolver
+
+        registry = Registry()
+        vllm_app._hold_resolver_to_adapter_names(registry)
+        vllm_app._hold_resolver_to_adapter_names(registry)  # once only, however often called
+        found = asyncio.run(registry.resolver.resolve_lora("org/model", name))
+        assert (found is not None, asked) == (looked_up, [name] if looked_up else [])
+
+    def test_a_vllm_without_the_filesystem_resolver_should_fail_naming_it(self):
+        class Registry:
+            def get_resolver(self, name):
+                raise KeyError(name)
+
+        with pytest.raises(RuntimeError, match="loadOnFirstUse needs vLLM's 'Filesystem Resolver'"):
+            vllm_app._hold_resolver_to_adapter_names(Registry())
+
+    def test_load_and_unload_routes_should_stay_closed_when_vllm_mounts_them(self, monkeypatch):
+        """loadOnFirstUse turns vLLM's runtime LoRA updating on, which mounts its admin routes."""
+        monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+        app = _vllm_app_for(("generate",))
+        mounted = {route.path for route in app.routes}
+        assert {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"} <= mounted  # vLLM did mount them
+        routes = vllm_app.Routes(app)
+        assert routes.status("POST", "/v1/load_lora_adapter") == 404
+        assert routes.status("POST", "/v1/unload_lora_adapter") == 404
+
+    def test_the_record_should_name_the_adapter_or_the_model_the_engine_served(self):
+        import asyncio
+
+        class Engine:
+            model_config = SimpleNamespace(served_model_name="chat")
+
+            async def generate(self, prompt, sampling_params, request_id, **kwargs):
+                yield SimpleNamespace(prompt_token_ids=[1, 2], finished=True, outputs=[SimpleNamespace(token_ids=[3])])
+
+        engine = vllm_app._metered(Engine)()
+
+        async def serve(lora_request):
+            record = vllm_app.RequestRecord("r", "POST", "/v1/completions")
+            token = vllm_app._current_request.set(record)
+            try:
+                async for _ in engine.generate("p", SimpleNamespace(), "r", lora_request=lora_request):
+                    pass
+            finally:
+                vllm_app._current_request.reset(token)
+            return record
+
+        assert asyncio.run(serve(SimpleNamespace(lora_name="sql"))).model == "sql"
+        assert asyncio.run(serve(None)).model == "chat"
+        unserved = vllm_app.RequestRecord("r", "GET", "/v1/models")
+        assert unserved.model == vllm_app.NO_MODEL and " model=<none> " in unserved.line()
+
+    def test_usage_counters_should_carry_the_model(self):
+        counted = []
+
+        class Counter:
+            def __init__(self, name):
+                self.name = name
+
+            def inc(self, value, tags):
+                counted.append((self.name, value, tags))
+
+        metrics = vllm_app.UsageMetrics.__new__(vllm_app.UsageMetrics)
+        metrics.requests, metrics.prompt_tokens, metrics.completion_tokens = map(Counter, "rpc")
+        record = vllm_app.RequestRecord("r", "POST", "/v1/chat/completions")
+        record.key, record.model, record.route, record.status = "team-a", "sql", "/v1/chat/completions", 200
+        record.prompt_tokens, record.completion_tokens = 5, 7
+        metrics.record(record)
+        assert counted == [
+            ("r", 1, {"key": "team-a", "model": "sql", "route": "/v1/chat/completions", "status": "200"}),
+            ("p", 5, {"key": "team-a", "model": "sql"}), ("c", 7, {"key": "team-a", "model": "sql"})]
+        assert "status=200 model=sql prompt_tokens=5 completion_tokens=7 " in record.line()
+
+
 def _vllm_app_for(tasks):
     """vLLM's own FastAPI app for a model with these tasks, built without an engine."""
     from vllm.entrypoints.launchers.app import build_app

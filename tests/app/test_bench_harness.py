@@ -101,6 +101,15 @@ def test_all_servers_should_get_the_same_engine_arguments(server):
     assert "--enforce-eager" in command and command[command.index("--host") + 1] == "127.0.0.1"
 
 
+def test_vllms_command_line_should_take_each_adapter_as_a_json_item():
+    import json
+
+    adapters = [{"name": "a", "path": "/adapters/a"}, {"name": "b", "path": "/adapters/b"}]
+    command = servers.vllm_server_command({"enable_lora": True, "lora_modules": adapters}, 8123)
+    at = command.index("--lora-modules")
+    assert [json.loads(item) for item in command[at + 1:at + 3]] == adapters and "--enable-lora" in command
+
+
 def test_app_b_should_serve_the_edited_file_with_the_hash_the_replica_waits_for(tmp_path):
 
     from tools import serve_local
@@ -122,10 +131,32 @@ def test_app_b_should_serve_the_edited_file_with_the_hash_the_replica_waits_for(
 
 def test_app_b_and_its_change_should_be_asked_for_together(capsys):
     for argv in (["--servers", "app,app-b"], ["--servers", "app", "--app-b", "x.py"],
-                 ["--servers", "app", "--b-set", "engine.maxNumSeqs=8"]):
+                 ["--servers", "app", "--b-set", "engine.maxNumSeqs=8"],
+                 ["--servers", "app", "--b-request-model", "tiny-lora-0"]):
         with pytest.raises(SystemExit):
             run.main(argv)
-        assert "app-b goes with --app-b FILE or --b-set KEY=VALUE" in capsys.readouterr().err
+        assert "app-b goes with --app-b FILE, --b-set KEY=VALUE or --b-request-model NAME" in capsys.readouterr().err
+
+
+def test_tiny_adapters_should_be_served_from_values_and_asked_for_in_turn(tmp_path, monkeypatch):
+    from tools import serve_local, tiny_model
+
+    model = tiny_model.build(serve_local.DEMO_MODEL_DIR)
+    values = run.tiny_adapter_values(model, tmp_path / "lora", 2)
+    config, _ = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model=str(model), values=values)
+    settings = servers.server_settings(config)
+    assert settings["enable_lora"] and [m["name"] for m in settings["lora_modules"]] == ["tiny-lora-0", "tiny-lora-1"]
+    assert all((tmp_path / "lora" / name / "adapter_config.json").exists() for name in ("tiny-lora-0", "tiny-lora-1"))
+
+    sent = []
+
+    async def one_request(session, url, body):
+        sent.append(body["model"])
+        return loadgen.RequestResult(ok=True, ttft=0.01, latency=0.02, output_tokens=1)
+
+    monkeypatch.setattr(loadgen, "one_request", one_request)
+    asyncio.run(loadgen.run_level("http://x", ["a", "b"], ["p"], concurrency=1, requests=4, max_tokens=1))
+    assert sent == ["a", "b", "a", "b"]
 
 
 def test_the_replica_profile_should_sum_samples_by_part_of_the_serving_path():

@@ -268,6 +268,14 @@ class TestDashboards:
         assert {t["legendFormat"] for t in errors["targets"]} == {"{{key}} 5xx", "{{key}} 4xx"}
         assert errors["fieldConfig"]["defaults"]["unit"] == "percentunit"
 
+    def test_the_usage_view_should_show_tokens_per_model_or_lora_adapter(self, render):
+        panels = monitoring.dashboards(render(ALL_ON))["usage-by-key.json"]["panels"]
+        [by_model] = [panel for panel in panels if panel["title"] == "Tokens by model or LoRA adapter"]
+        queries = [target["expr"] for target in by_model["targets"]]
+        for metric in ("ray_vllm_rayservice_prompt_tokens_total", "ray_vllm_rayservice_completion_tokens_total"):
+            assert any(query.startswith(f"sum by (model) (rate({metric}") and 'key=~"$key"' in query
+                       for query in queries), queries
+
 
 class TestAlerts:
     def test_should_alert_on_replicas_errors_first_token_and_kv_cache(self, render):

@@ -25,7 +25,7 @@ def _render(scenario):
 def test_should_have_the_scenarios_the_chart_promises():
     names = " ".join(SCENARIOS[1:])
     for purpose in ("guide-t4", "tensor-parallel", "autoscaling", "loadbalancer-apikey", "cpu-kind", "restricted",
-                    "monitoring"):
+                    "monitoring", "lora"):
         assert purpose in names
 
 
