@@ -11,6 +11,7 @@ included (it uses httpx).
 from __future__ import annotations
 
 import collections
+import re
 from pathlib import Path
 
 import httpx
@@ -75,6 +76,20 @@ def _tail(path: Path, lines: int = LOG_LINES) -> str:
     return "\n".join("  " + line for line in text[-lines:])
 
 
+# Why a Ray process went away (a Serve controller restarted mid-test once, with no trace in the Serve
+# logs): the raylet logs its memory monitor's kills, the GCS every actor death and restart.
+DEATH_WORDS = re.compile(r"memory monitor|OutOfMemory|Killing|killed|died|restart", re.IGNORECASE)
+DEATH_LINES = 12
+
+
+def _matching(path: Path, pattern: re.Pattern, lines: int = DEATH_LINES) -> str:
+    try:
+        found = [line for line in path.read_text(errors="replace").splitlines() if pattern.search(line)]
+    except OSError as error:
+        return f"  (cannot read: {error})"
+    return "\n".join("  " + line for line in found[-lines:]) or "  (none)"
+
+
 def log_tails(local_serve) -> str:
     """The newest Serve replica logs, the controller's, and the newest Ray worker stderr files."""
     logs = local_serve.logs_dir
@@ -88,6 +103,8 @@ def log_tails(local_serve) -> str:
     for path in [*newest("serve/replica_*.log", 3), *newest("serve/controller_*.log", 1),
                  *newest("worker-*.err", 2)]:
         parts.append(f"--- {path.relative_to(logs)} (last {LOG_LINES} lines)\n{_tail(path)}")
+    for path in [logs / "raylet.out", logs / "gcs_server.out"]:
+        parts.append(f"--- {path.name}: kills, deaths and restarts\n{_matching(path, DEATH_WORDS)}")
     return "\n".join(parts) or f"(no logs under {logs})"
 
 

@@ -1,0 +1,28 @@
+"""The failure report itself: a failing test must show what explains it, so check what it shows."""
+
+from types import SimpleNamespace
+
+from tests import failure_context
+
+
+def test_the_report_shows_log_tails_and_why_ray_processes_died(tmp_path):
+    (tmp_path / "serve").mkdir()
+    (tmp_path / "serve" / "replica_llm_1.log").write_text("starting\nEngineCore encountered an issue\n")
+    (tmp_path / "serve" / "controller_7.log").write_text("Controller starting\n")
+    (tmp_path / "raylet.out").write_text(
+        "heartbeat ok\n"
+        "Killing worker with PID 4242 because the memory monitor found usage above 0.95\n"
+        "heartbeat ok\n")
+    (tmp_path / "gcs_server.out").write_text("Actor SERVE_CONTROLLER_ACTOR died, restarting (1/-1)\n")
+
+    report = failure_context.log_tails(SimpleNamespace(logs_dir=tmp_path))
+
+    assert "EngineCore encountered an issue" in report
+    assert "Controller starting" in report
+    assert "Killing worker with PID 4242" in report
+    assert "SERVE_CONTROLLER_ACTOR died" in report
+    assert "heartbeat ok" not in report  # only the lines that say why something went away
+
+
+def test_a_stopped_stack_says_so():
+    assert "stopped" in failure_context.log_tails(SimpleNamespace(logs_dir=None))
