@@ -983,6 +983,11 @@ class EngineWatchdog:
     seconds, the watchdog kills the engine's processes: vLLM then ends every request in flight with
     its engine-dead error (an error frame then [DONE] in a stream), /health answers 503, and Serve's
     health check (check_health) replaces the replica.
+
+    A request waiting for its structured-output grammar to compile is not a stall either: vLLM 0.29's
+    engine keeps stepping while it holds such a request (the scheduler skips it; EngineCore.step
+    runs as long as the scheduler has requests) and sends its stats after every step, even one that
+    scheduled nothing (Scheduler.update_from_output), so the watchdog sees steps throughout.
     """
 
     def __init__(self, engine, stall_s: float):
