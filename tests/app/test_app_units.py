@@ -531,3 +531,12 @@ class TestEngineWatchdog:
 
         watchdog, killed = self._run(frontend, steps, seconds=0.1)
         assert watchdog.stalled is None and not killed
+
+
+def test_the_local_runner_knows_the_apps_start_failure_prefix():
+    # tools/serve_local picks the app's one-line reason out of Serve's log by this prefix; it keeps
+    # its own copy because it never imports the app: Ray's workers load it from files/, as pods load it
+    # from the ConfigMap.
+    from tools import serve_local
+
+    assert serve_local.START_FAILED == vllm_app.START_FAILED
