@@ -269,7 +269,15 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "logPrompts" .Values.serving.logPrompts
   "warmup" .Values.serving.warmup
   "engineStallSeconds" .Values.serving.engineStallSeconds
-  "routing" .Values.serving.routing }}
+  "routing" (dict
+    "mode" .Values.serving.routing.mode
+    "sessionHeader" (lower .Values.serving.routing.sessionHeader)
+    "prefixBlockChars" (int .Values.serving.routing.prefixBlockChars)
+    "prefixMinMatchChars" (int .Values.serving.routing.prefixMinMatchChars)
+    "prefixMaxBlocks" (int .Values.serving.routing.prefixMaxBlocks)
+    "maxImbalance" (int .Values.serving.routing.maxImbalance)
+    "adapterAffinity" .Values.serving.routing.adapterAffinity
+    "routerReplicas" (int .Values.serving.routing.routerReplicas)) }}
 {{- $deployment := dict
   "name" "VLLMServer"
   "max_ongoing_requests" (int .Values.serving.maxOngoingRequests)
