@@ -345,12 +345,12 @@ def routing_stats(in_flight: int, served: int, adapters: Sequence[str]) -> dict:
 def check_ray_hooks() -> None:
     """Fail at build time, naming the Ray versions, when the hooks this module uses changed."""
     import ray
-    from ray.serve import deployment as deployment_module
+    from ray.serve import Application
     from ray.serve.handle import DeploymentHandle
 
     missing = [name for name, present in [
         ("Application._with_ingress_request_router",
-         hasattr(deployment_module.Application, "_with_ingress_request_router")),
+         hasattr(Application, "_with_ingress_request_router")),
         ("DeploymentHandle.choose_replica", hasattr(DeploymentHandle, "choose_replica")),
     ] if not present]
     try:
@@ -473,13 +473,13 @@ def router_deployment(handle_app, args: RoutingArgs, base_model: str):
     @serve.ingress()
     class VLLMRouter:
         def __init__(self, server, routing: dict, base_model: str):
-            self.app = RouterApp(server, RoutingArgs.model_validate(routing), base_model)
+            self.router = RouterApp(server, RoutingArgs.model_validate(routing), base_model)
 
         def __serve_build_asgi_app__(self):
-            return self.app
+            return self.router
 
         def get_stats(self) -> dict:
-            return {"routed": self.app.routed}
+            return {"routed": self.router.routed}
 
     return VLLMRouter.bind(handle_app, args.model_dump(), base_model)
 
