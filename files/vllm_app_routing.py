@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence
@@ -338,8 +337,10 @@ STATS_PERIOD_S = 0.5
 
 
 def routing_stats(in_flight: int, served: int, adapters: Sequence[str]) -> dict:
-    """What a model replica reports to the routers (its record_routing_stats)."""
-    return {"in_flight": in_flight, "served": served, "stamp": time.monotonic(), "adapters": list(adapters)}
+    """What a model replica reports to the routers (its record_routing_stats). Serve's controller
+    sends the replicas' stats to every handle when they change, so they hold nothing that changes
+    while the replica is idle (no clock): an idle cluster sends no updates."""
+    return {"in_flight": in_flight, "served": served, "adapters": sorted(adapters)}
 
 
 def check_ray_hooks() -> None:
@@ -394,8 +395,8 @@ class AffinityRequestRouter(RequestRouter):
         for replica in candidate_replicas:
             replica_id = replica.replica_id.to_full_id_str()
             stats = replica.routing_stats or {}
-            if "stamp" in stats:
-                self.loads.report(replica_id, stats["stamp"], stats.get("in_flight", 0))
+            if "served" in stats:  # a new report whenever the replica took or ended requests
+                self.loads.report(replica_id, (stats["served"], stats["in_flight"]), stats["in_flight"])
             views.append(this.ReplicaView(replica_id, self.loads.load(replica_id),
                                           frozenset(stats.get("adapters", ()))))
         for gone in self.loads.keep_only({view.id for view in views}):
