@@ -249,3 +249,156 @@ class TestArgs:
         config = routing.request_router_config(RoutingArgs(mode="prefix"))
         assert config["request_router_class"] == "vllm_app_routing:AffinityRequestRouter"
         assert RoutingArgs.model_validate(config["request_router_kwargs"]).mode == "prefix"
+
+
+# -- Serve's side, with stand-ins for Serve's objects (the live test runs the real ones) --------
+
+
+class _ReplicaId:
+    def __init__(self, name):
+        self.name = name
+
+    def to_full_id_str(self):
+        return f"SERVE_REPLICA::app#VLLMServer#{self.name}"
+
+
+class _Replica:
+    def __init__(self, name, stats=None):
+        self.replica_id, self.routing_stats = _ReplicaId(name), stats or {}
+        self.backend_http_endpoint = ("10.0.0.1", 30000 + len(name))
+
+
+class _Pending:
+    def __init__(self, *args):
+        self.args = list(args)
+
+
+def _request_router(**values):
+    router = object.__new__(routing.AffinityRequestRouter)  # Serve's constructor needs a running Serve
+    router.initialize_state(**RoutingArgs.model_validate({"mode": "prefix", **values}).model_dump())
+    return router
+
+
+class TestRequestRouter:
+    def test_should_choose_by_the_route_key_and_count_what_it_sent(self):
+        import asyncio
+
+        router = _request_router(max_imbalance=1)
+        replicas = [_Replica("a", routing.routing_stats(0, 10, [])), _Replica("b", routing.routing_stats(0, 10, []))]
+        key = routing.route_key(chat("A", "q1"))
+        first = asyncio.run(router.choose_replicas(replicas, _Pending(key)))[0][0]
+        again = asyncio.run(router.choose_replicas(replicas, _Pending(routing.route_key(chat("A", "q2")))))[0][0]
+        assert again is first
+        # Two sent, no new report: the guard (1) now sends the tenant's next request elsewhere.
+        third = asyncio.run(router.choose_replicas(replicas, _Pending(routing.route_key(chat("A", "q3")))))[0][0]
+        assert third is not first
+        assert router.decisions == {"prefix-new": 1, "prefix": 1, "guard": 1}
+
+    def test_should_read_the_adapters_each_replica_reports(self):
+        import asyncio
+
+        router = _request_router()
+        replicas = [_Replica("a", routing.routing_stats(3, 1, [])), _Replica("b", routing.routing_stats(3, 1, ["sql"]))]
+        chosen = asyncio.run(router.choose_replicas(replicas, _Pending(RouteKey(text="x", adapter="sql"))))[0][0]
+        assert chosen.replica_id.name == "b"
+
+    def test_should_route_a_handle_call_without_a_key_by_load(self):
+        import asyncio
+
+        router = _request_router()
+        replicas = [_Replica("a", routing.routing_stats(2, 1, [])), _Replica("b", routing.routing_stats(0, 1, []))]
+        assert asyncio.run(router.choose_replicas(replicas, None))[0][0].replica_id.name == "b"
+
+
+class _Selection:
+    def __init__(self, replica):
+        self._replica = replica
+
+
+class _Handle:
+    def __init__(self, replica):
+        self.replica, self.keys = replica, []
+
+    def choose_replica(self, key, _reserve=True):
+        import contextlib
+
+        assert _reserve is False  # HAProxy sends the request; nothing is reserved on the replica
+        self.keys.append(key)
+
+        @contextlib.asynccontextmanager
+        async def chosen():
+            yield _Selection(self.replica)
+
+        return chosen()
+
+
+def _call(app, method, path, body=b"", headers=()):
+    import asyncio
+
+    sent, chunks = [], [{"type": "http.request", "body": body[:10], "more_body": True},
+                        {"type": "http.request", "body": body[10:], "more_body": False}]
+
+    async def receive():
+        return chunks.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": method, "path": path, "headers": list(headers)}, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+class TestRouterApp:
+    def test_should_answer_haproxy_with_the_replica_id_from_the_body_and_session(self):
+        handle = _Handle(_Replica("a"))
+        app = routing.RouterApp(handle, RoutingArgs(mode="session"), base_model="base")
+        status, answer = _call(app, "POST", "/internal/route", chat("A", "hi", model="lora-1"),
+                               [(b"x-session-id", b"s-7"), (b"content-type", b"application/json")])
+        assert status == 200
+        assert answer == {"replica_id": "SERVE_REPLICA::app#VLLMServer#a", "host": "10.0.0.1", "port": 30001}
+        assert handle.keys[0].session == "s-7" and handle.keys[0].adapter == "lora-1"
+        assert "Rule A-0" in handle.keys[0].text
+
+    def test_should_say_503_with_the_reason_when_no_replica_can_be_chosen(self):
+        class Broken(_Handle):
+            def choose_replica(self, key, _reserve=True):
+                raise RuntimeError("no replicas")
+
+        status, answer = _call(routing.RouterApp(Broken(None), RoutingArgs(mode="prefix"), "base"),
+                               "POST", "/internal/route", b"{}")
+        assert status == 503 and "no replicas" in answer["detail"]
+
+    def test_should_serve_health_and_refuse_other_paths(self):
+        app = routing.RouterApp(_Handle(_Replica("a")), RoutingArgs(mode="prefix"), "base")
+        assert _call(app, "GET", "/health")[0] == 200
+        assert _call(app, "GET", "/v1/models")[0] == 404
+
+
+class TestBuild:
+    def _build(self, mode):
+        import vllm_app
+
+        return vllm_app.build_app({"model": {"id": "some/model"}, "serving": {"routing": {"mode": mode}}})
+
+    def test_leastconn_should_build_the_app_as_before_without_a_router(self):
+        app = self._build("leastconn")
+        assert app._ingress_request_router is None
+        config = app._bound_deployment._deployment_config.request_router_config
+        assert config.is_default_request_router()
+
+    @pytest.mark.parametrize("mode", ["session", "prefix"])
+    def test_a_routed_mode_should_attach_the_router_and_the_request_router_class(self, mode):
+        app = self._build(mode)
+        router = app._ingress_request_router._bound_deployment
+        assert router.name == "VLLMRouter" and router.num_replicas == 2
+        assert router.ray_actor_options["num_cpus"] == 0
+        config = app._bound_deployment._deployment_config.request_router_config
+        assert config.request_router_class == "vllm_app_routing:AffinityRequestRouter"
+        assert config.request_router_kwargs["mode"] == mode
+
+    def test_should_fail_at_build_naming_the_ray_version_when_the_hook_is_gone(self, monkeypatch):
+        from ray.serve import Application
+
+        monkeypatch.delattr(Application, "_with_ingress_request_router")
+        with pytest.raises(ValueError, match=r"vllm_app cannot start: serving.routing needs .* Ray 2.60.0.*leastconn"):
+            self._build("prefix")
