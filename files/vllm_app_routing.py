@@ -57,8 +57,6 @@ class RoutingArgs(BaseModel):
     max_imbalance: int = Field(default=4, ge=0)
     # Prefer replicas that already hold the requested LoRA adapter (both modes).
     adapter_affinity: bool = True
-    # Router deployment replicas. With two, HAProxy's Lua tries the other when one is gone.
-    router_replicas: int = Field(default=2, ge=1)
 
     @property
     def routed(self) -> bool:
@@ -296,29 +294,35 @@ class AffinityPolicy:
 
 
 class LoadEstimate:
-    """A replica's load between two of its reports: what it last reported holding, plus what
-    this router sent it since (the reports come every second or so; a burst comes faster)."""
+    """The requests each replica holds, as best this router knows: the last count it observed
+    (a probe of the replica a moment ago, or the replica's periodic report), plus the requests
+    this router sent it that the count cannot include yet. A send is counted until `transit_s`
+    after the observation that followed it: by then the replica counts it itself, or it is done.
 
-    def __init__(self):
-        self._reported: dict[str, tuple[Any, float]] = {}  # replica -> (report stamp, in flight)
-        self._sent_since: dict[str, int] = {}
+    Why not the sends alone: HAProxy, not the router, carries the request, so the router never
+    sees one end. Why not the counts alone: a burst is routed faster than a replica counts it."""
 
-    def report(self, replica: str, stamp: Any, in_flight: float) -> None:
-        if self._reported.get(replica, (None,))[0] != stamp:
-            self._reported[replica] = (stamp, in_flight)
-            self._sent_since[replica] = 0
+    def __init__(self, transit_s: float = 0.03):
+        self.transit_s = transit_s
+        self._observed: dict[str, tuple[float, float]] = {}  # replica -> (when, requests held)
+        self._sends: dict[str, list[float]] = {}
 
-    def sent(self, replica: str) -> None:
-        self._sent_since[replica] = self._sent_since.get(replica, 0) + 1
+    def observe(self, replica: str, in_flight: float, at: float) -> None:
+        if at >= self._observed.get(replica, (float("-inf"), 0))[0]:
+            self._observed[replica] = (at, in_flight)
+            self._sends[replica] = [t for t in self._sends.get(replica, []) if t > at - self.transit_s]
+
+    def sent(self, replica: str, at: float) -> None:
+        self._sends.setdefault(replica, []).append(at)
 
     def load(self, replica: str) -> float:
-        return self._reported.get(replica, (None, 0.0))[1] + self._sent_since.get(replica, 0)
+        return self._observed.get(replica, (0, 0.0))[1] + len(self._sends.get(replica, ()))
 
     def keep_only(self, replicas: set) -> list[str]:
-        gone = [replica for replica in self._reported if replica not in replicas]
+        gone = [replica for replica in {*self._observed, *self._sends} if replica not in replicas]
         for replica in gone:
-            self._reported.pop(replica, None)
-            self._sent_since.pop(replica, None)
+            self._observed.pop(replica, None)
+            self._sends.pop(replica, None)
         return gone
 
 
@@ -334,6 +338,10 @@ RAY_VERSION_TESTED = "2.60.0"
 ROUTER_DEPLOYMENT = "VLLMRouter"
 # How often each model replica reports its load and adapters to the routers (record_routing_stats).
 STATS_PERIOD_S = 0.5
+# Each routing decision asks the replicas how many requests they hold, when there are at most
+# this many of them, and waits at most this long for the answers.
+PROBE_MAX_REPLICAS = 16
+PROBE_TIMEOUT_S = 0.05
 
 
 def routing_stats(in_flight: int, served: int, adapters: Sequence[str]) -> dict:
@@ -386,28 +394,56 @@ class AffinityRequestRouter(RequestRouter):
 
         self.policy = this.AffinityPolicy(this.RoutingArgs.model_validate(routing))
         self.loads = this.LoadEstimate()
+        self.reports: dict = {}  # replica -> the last report seen
         self.decisions: dict = {}
 
-    async def choose_replicas(self, candidate_replicas, pending_request=None):
+    async def _probe(self, replicas) -> None:
+        """Ask every replica how many requests it holds (Serve's own queue-length call, about a
+        millisecond each); a replica that does not answer in PROBE_TIMEOUT_S keeps its estimate."""
+        import asyncio
+        import time
+
         import vllm_app_routing as this
 
-        views = []
+        if len(replicas) > this.PROBE_MAX_REPLICAS:
+            return  # then the periodic reports alone (README, "Routing across replicas")
+        asked = time.monotonic()
+        tasks = {asyncio.ensure_future(replica.get_queue_len(deadline_s=this.PROBE_TIMEOUT_S)): replica
+                 for replica in replicas}
+        done, pending = await asyncio.wait(tasks, timeout=this.PROBE_TIMEOUT_S)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if task.exception() is None:
+                self.loads.observe(tasks[task].replica_id.to_full_id_str(), task.result(), asked)
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        import time
+
+        import vllm_app_routing as this
+
+        now = time.monotonic()
         for replica in candidate_replicas:
-            replica_id = replica.replica_id.to_full_id_str()
-            stats = replica.routing_stats or {}
-            if "served" in stats:  # a new report whenever the replica took or ended requests
-                self.loads.report(replica_id, (stats["served"], stats["in_flight"]), stats["in_flight"])
-            views.append(this.ReplicaView(replica_id, self.loads.load(replica_id),
-                                          frozenset(stats.get("adapters", ()))))
+            replica_id, stats = replica.replica_id.to_full_id_str(), replica.routing_stats or {}
+            report = (stats.get("served"), stats.get("in_flight"))
+            if "served" in stats and self.reports.get(replica_id) != report:
+                # A new report: taken up to a stats period ago.
+                self.reports[replica_id] = report
+                self.loads.observe(replica_id, stats["in_flight"], now - this.STATS_PERIOD_S)
+        await self._probe(candidate_replicas)
+        views = [this.ReplicaView(replica.replica_id.to_full_id_str(),
+                                  self.loads.load(replica.replica_id.to_full_id_str()),
+                                  frozenset((replica.routing_stats or {}).get("adapters", ())))
+                 for replica in candidate_replicas]
         for gone in self.loads.keep_only({view.id for view in views}):
             self.policy.forget(gone)
+            self.reports.pop(gone, None)
         args = pending_request.args if pending_request is not None else []
         key = args[0] if args and isinstance(args[0], this.RouteKey) else this.RouteKey()
         decision = self.policy.choose(key, views)
-        self.loads.sent(decision.replica)
+        self.loads.sent(decision.replica, time.monotonic())
         self.decisions[decision.reason] = self.decisions.get(decision.reason, 0) + 1
-        chosen = next(r for r in candidate_replicas if r.replica_id.to_full_id_str() == decision.replica)
-        return [[chosen]]
+        return [[next(r for r in candidate_replicas if r.replica_id.to_full_id_str() == decision.replica)]]
 
 
 # Serve imports the request router class by this path.
@@ -469,8 +505,10 @@ def router_deployment(handle_app, args: RoutingArgs, base_model: str):
     """The router deployment bound to the model deployment's app (its handle at run time)."""
     from ray import serve
 
-    @serve.deployment(name=ROUTER_DEPLOYMENT, num_replicas=args.router_replicas,
-                      ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    # Serve places RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE replicas of it on every node that runs
+    # HAProxy (the chart sets it from serving.routing.routerReplicasPerNode), and each HAProxy asks
+    # the routers on its own node; a num_replicas here would be ignored.
+    @serve.deployment(name=ROUTER_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
     @serve.ingress()
     class VLLMRouter:
         def __init__(self, server, routing: dict, base_model: str):

@@ -276,8 +276,7 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
     "prefixMinMatchChars" (int .Values.serving.routing.prefixMinMatchChars)
     "prefixMaxBlocks" (int .Values.serving.routing.prefixMaxBlocks)
     "maxImbalance" (int .Values.serving.routing.maxImbalance)
-    "adapterAffinity" .Values.serving.routing.adapterAffinity
-    "routerReplicas" (int .Values.serving.routing.routerReplicas)) }}
+    "adapterAffinity" .Values.serving.routing.adapterAffinity) }}
 {{- $deployment := dict
   "name" "VLLMServer"
   "max_ongoing_requests" (int .Values.serving.maxOngoingRequests)
@@ -331,12 +330,15 @@ KubeRay's ray-service.high-throughput-llm sample). With serving.ingress=haproxy 
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
 # serving.routing: HAProxy hands the router the request body (prompt, `user`, `model`) and the
-# session header. Both only act when the app has a router, so switching serving.routing.mode
+# session header, and Serve runs that many router replicas per node. They only act when the app
+# has a router, so switching serving.routing.mode
 # changes serveConfigV2 alone (an in-place app restart), never the pods.
 - name: RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY
   value: "1"
 - name: RAY_SERVE_SESSION_ID_HEADER_KEY
   value: {{ .Values.serving.routing.sessionHeader | lower | quote }}
+- name: RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE
+  value: {{ .Values.serving.routing.routerReplicasPerNode | int | quote }}
 {{- end }}
 {{- end }}
 

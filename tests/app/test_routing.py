@@ -20,7 +20,7 @@ import pytest
 
 from tools import serve_local
 
-from .conftest import API_KEY
+from tests.app.conftest import API_KEY
 
 APP, PREFIX = "routed", "/routed"
 SERVED = "tiny-routed"
@@ -32,7 +32,7 @@ SYSTEM = {tenant: f"You are the assistant of tenant {tenant}. "
 def routing_app(server, tiny_model_dir, mode: str) -> dict:
     values = {"model": {"servedName": SERVED}, "engine": {"maxModelLen": 2048},
               "serving": {"replicas": 2, "engineStallSeconds": 120,
-                          "routing": {"mode": mode, "maxImbalance": 2}}}
+                          "routing": {"mode": mode, "maxImbalance": 3}}}
     config, _ = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model=str(tiny_model_dir),
                                                port=server.port, values=values)
     [app] = config["applications"]

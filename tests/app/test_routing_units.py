@@ -112,7 +112,7 @@ class TestLoadGuard:
             for view in views:
                 view.load = loads.load(view.id)
             decision = chooser.choose(routing.route_key(chat("A", f"user {n}")), views)
-            loads.sent(decision.replica)
+            loads.sent(decision.replica, at=n)
             sent[decision.replica] += 1
         assert abs(sent["r0"] - sent["r1"]) <= 3, sent
         # Once spread, both hold the prefix, and each new request takes the less loaded of them.
@@ -145,20 +145,38 @@ class TestLoadGuard:
             for view in views:
                 view.load = loads.load(view.id)
             decision = chooser.choose(routing.route_key(json.dumps({"prompt": f"{n} unrelated"}).encode()), views)
-            loads.sent(decision.replica)
+            loads.sent(decision.replica, at=n)
             sent[decision.replica] += 1
         assert sent == {"r0": 50, "r1": 50}
 
-    def test_load_estimate_should_count_requests_sent_since_the_last_report(self):
-        loads = LoadEstimate()
-        loads.report("r0", stamp=1, in_flight=3)
-        loads.sent("r0")
-        loads.sent("r0")
+    def test_load_estimate_should_add_the_sends_the_last_count_cannot_include(self):
+        loads = LoadEstimate(transit_s=0.1)
+        loads.observe("r0", 3, at=10.0)
+        loads.sent("r0", at=10.5)
+        loads.sent("r0", at=10.6)
+        assert loads.load("r0") == 5  # two sent since the count of 3
+        loads.observe("r0", 3, at=9.0)  # an older count changes nothing
         assert loads.load("r0") == 5
-        loads.report("r0", stamp=1, in_flight=3)  # the same report again: nothing changes
+        loads.observe("r0", 4, at=10.65)  # a count taken just after: the last send may be in transit
         assert loads.load("r0") == 5
-        loads.report("r0", stamp=2, in_flight=4)  # a new one: it already counts what was sent
-        assert loads.load("r0") == 4
+        loads.observe("r0", 1, at=11.0)  # later: the replica counts them itself, or they are done
+        assert loads.load("r0") == 1
+
+    def test_sequential_short_requests_should_not_trip_the_guard(self):
+        # One client, one request after the other: each count, taken before each decision, shows
+        # the replica idle again; only the last send may still be in transit. So affinity holds
+        # however fast the requests are, for any guard of 1 or more.
+        chooser, loads = policy(max_imbalance=1), LoadEstimate()
+        homes = set()
+        for n in range(10):
+            now = n * 0.05
+            for replica in ("r0", "r1"):
+                loads.observe(replica, 0, at=now)
+            views = [ReplicaView(r, loads.load(r)) for r in ("r0", "r1")]
+            decision = chooser.choose(routing.route_key(chat("A", f"q{n}")), views)
+            loads.sent(decision.replica, at=now + 0.001)
+            homes.add(decision.replica)
+        assert len(homes) == 1
 
 
 class TestSessionAffinity:
@@ -263,9 +281,17 @@ class _ReplicaId:
 
 
 class _Replica:
-    def __init__(self, name, stats=None):
+    def __init__(self, name, stats=None, queue=None):
         self.replica_id, self.routing_stats = _ReplicaId(name), stats or {}
         self.backend_http_endpoint = ("10.0.0.1", 30000 + len(name))
+        self.queue = queue  # what Serve's queue-length probe answers; None: it does not answer
+
+    async def get_queue_len(self, *, deadline_s):
+        import asyncio
+
+        if self.queue is None:
+            await asyncio.sleep(10)
+        return self.queue
 
 
 class _Pending:
@@ -284,21 +310,34 @@ class TestRequestRouter:
         import asyncio
 
         router = _request_router(max_imbalance=1)
+        # Replicas that do not answer the probe: the reports and the sends are all there is.
         replicas = [_Replica("a", routing.routing_stats(0, 10, [])), _Replica("b", routing.routing_stats(0, 10, []))]
         key = routing.route_key(chat("A", "q1"))
         first = asyncio.run(router.choose_replicas(replicas, _Pending(key)))[0][0]
         again = asyncio.run(router.choose_replicas(replicas, _Pending(routing.route_key(chat("A", "q2")))))[0][0]
         assert again is first
-        # Two sent, no new report: the guard (1) now sends the tenant's next request elsewhere.
+        # Two sent, no new count: the guard (1) now sends the tenant's next request elsewhere.
         third = asyncio.run(router.choose_replicas(replicas, _Pending(routing.route_key(chat("A", "q3")))))[0][0]
         assert third is not first
         assert router.decisions == {"prefix-new": 1, "prefix": 1, "guard": 1}
+
+    def test_should_take_the_probed_counts_as_the_load(self):
+        import asyncio
+
+        router = _request_router(max_imbalance=1)
+        idle = [_Replica("a", queue=0), _Replica("b", queue=0)]
+        first = asyncio.run(router.choose_replicas(idle, _Pending(routing.route_key(chat("A", "q1")))))[0][0]
+        busy = {first.replica_id.name: 3}
+        probed = [_Replica(name, queue=busy.get(name, 0)) for name in ("a", "b")]
+        moved = asyncio.run(router.choose_replicas(probed, _Pending(routing.route_key(chat("A", "q2")))))[0][0]
+        assert moved.replica_id.name != first.replica_id.name
 
     def test_should_read_the_adapters_each_replica_reports(self):
         import asyncio
 
         router = _request_router()
-        replicas = [_Replica("a", routing.routing_stats(3, 1, [])), _Replica("b", routing.routing_stats(3, 1, ["sql"]))]
+        replicas = [_Replica("a", routing.routing_stats(3, 1, []), queue=3),
+                    _Replica("b", routing.routing_stats(3, 1, ["sql"]), queue=3)]
         chosen = asyncio.run(router.choose_replicas(replicas, _Pending(RouteKey(text="x", adapter="sql"))))[0][0]
         assert chosen.replica_id.name == "b"
 
@@ -306,7 +345,7 @@ class TestRequestRouter:
         import asyncio
 
         router = _request_router()
-        replicas = [_Replica("a", routing.routing_stats(2, 1, [])), _Replica("b", routing.routing_stats(0, 1, []))]
+        replicas = [_Replica("a", queue=2), _Replica("b", queue=0)]
         assert asyncio.run(router.choose_replicas(replicas, None))[0][0].replica_id.name == "b"
 
 
@@ -390,7 +429,7 @@ class TestBuild:
     def test_a_routed_mode_should_attach_the_router_and_the_request_router_class(self, mode):
         app = self._build(mode)
         router = app._ingress_request_router._bound_deployment
-        assert router.name == "VLLMRouter" and router.num_replicas == 2
+        assert router.name == "VLLMRouter"
         assert router.ray_actor_options["num_cpus"] == 0
         config = app._bound_deployment._deployment_config.request_router_config
         assert config.request_router_class == "vllm_app_routing:AffinityRequestRouter"

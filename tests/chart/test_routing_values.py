@@ -50,6 +50,7 @@ class TestPods:
         for env in _env(render(_routing(sessionHeader="X-Conversation"))):
             assert env["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"] == "1"
             assert env["RAY_SERVE_SESSION_ID_HEADER_KEY"] == "x-conversation"
+            assert env["RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE"] == "2"
 
     def test_switching_the_mode_should_leave_the_ray_cluster_alone(self, render):
         # A pod-template change makes KubeRay build a second cluster; a mode change must not.
@@ -74,7 +75,7 @@ class TestValidation:
     @pytest.mark.parametrize("values, key", [
         ({"mode": "random"}, "mode"),
         ({"maxImbalance": -1}, "maxImbalance"),
-        ({"routerReplicas": 0}, "routerReplicas"),
+        ({"routerReplicasPerNode": 0}, "routerReplicasPerNode"),
         ({"sessionHeader": "bad header"}, "sessionHeader"),
         ({"minMatch": 3}, "minMatch"),
     ])
