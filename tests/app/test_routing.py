@@ -47,12 +47,14 @@ def deploy(server, app) -> None:
     server.config = {**server.config, "applications": [*others, app]}
     started = time.monotonic()
     server.submit()
-    # A mode change restarts the app in place: wait for the new args to be the running ones.
+    # A mode change restarts the app in place: wait until the model deployment runs the new mode.
+    mode = app["args"]["serving"]["routing"]["mode"]
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         status = server.status().get("applications", {}).get(APP, {})
-        if status.get("status") == "RUNNING" and \
-                status.get("deployed_app_config", {}).get("args") == app["args"]:
+        model = status.get("deployments", {}).get("VLLMServer", {})
+        kwargs = model.get("deployment_config", {}).get("request_router_config", {}).get("request_router_kwargs", {})
+        if status.get("status") == "RUNNING" and model.get("status") == "HEALTHY" and kwargs.get("mode") == mode:
             break
         if status.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
             pytest.fail(f"{APP} is {status.get('status')}: {status.get('message')}")
