@@ -173,10 +173,10 @@ def test_session_mode_should_keep_a_sessions_turns_on_one_replica_by_header_or_u
 def test_killing_a_router_replica_under_load_should_lose_no_request(server, routed):
     import ray
 
-    routers = [actor for actor in ray.util.list_named_actors(all_namespaces=True)
-               if f"{APP}#VLLMRouter#" in actor["name"]]
-    assert len(routers) == 2, routers
-    victim = ray.get_actor(routers[0]["name"], namespace=routers[0]["namespace"])
+    replicas = server.status()["applications"][APP]["deployments"]["VLLMRouter"]["replicas"]
+    routers = [replica["actor_name"] for replica in replicas if replica["state"] == "RUNNING"]
+    assert len(routers) == 2, replicas  # serving.routing.routerReplicasPerNode on this one node
+    victim = ray.get_actor(routers[0], namespace="serve")
 
     async def load_with_a_kill():
         bodies = [chat_body("ABCDEFGH"[n % 8], [f"kill test {n}"], max_tokens=32) for n in range(60)]
