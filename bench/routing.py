@@ -247,16 +247,18 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     tiny_model.build(MODEL_DIR, shape=tiny_model.BENCH_SHAPE)
     results: dict = {mode: [] for mode in modes}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    about = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args)}
     for round_number in range(args.rounds):
         # Alternate the order each round, so that no mode always runs first on a cold machine.
         for mode in (modes if round_number % 2 == 0 else modes[::-1]):
             results[mode].append(run_mode(mode, round_number, args))
-    text = report(results, modes, args.workloads)
+            # Written after every run: a long benchmark cut short still leaves its figures.
+            (out / "results.json").write_text(json.dumps({**about, "results": results}, indent=1))
+    complete = {mode: runs for mode, runs in results.items() if len(runs) == args.rounds}
+    text = report(complete, [mode for mode in modes if mode in complete], args.workloads)
     print("\n" + text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                  time.gmtime()), "args": vars(args), "results": results}, indent=1))
     (out / "report.txt").write_text(text + "\n")
     return 0
 
