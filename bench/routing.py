@@ -53,6 +53,11 @@ def document(seed: int, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
+# Every request decodes greedily with EOS ignored. A random-weight model's greedy output can be one
+# special token over and over (e.g. </s>); vLLM would drop it from the text, the stream would carry
+# no content, and the load generator would count a failure: keep special tokens in the text.
+
+
 def values(mode: str, args) -> dict:
     return {"model": {"servedName": SERVED},
             "engine": {"maxModelLen": 2048, "extraArgs": {"num_gpu_blocks_override": args.kv_blocks,
@@ -99,7 +104,7 @@ async def run_workload(url: str, conversations: Conversations, args) -> dict:
                                              headers={"x-session-id": user}) as session:
                 for messages, _ in itertools.chain([(first, user)], turns):
                     body = {"model": SERVED, "messages": messages, "max_tokens": args.max_tokens, "ignore_eos": True,
-                            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                            "temperature": 0, "skip_special_tokens": False, "stream": True, "stream_options": {"include_usage": True}}
                     results.append(await loadgen.one_request(session, url + "/v1/chat/completions", body))
 
     await asyncio.gather(*(one_worker() for _ in range(args.concurrency)))
@@ -152,7 +157,7 @@ def router_cpu_s() -> float:
 
 async def probe(url: str, args) -> dict:
     """A cache miss's prefill against a decode step, on a fresh prompt of a document's length."""
-    body = {"model": SERVED, "max_tokens": 64, "ignore_eos": True, "temperature": 0, "stream": True,
+    body = {"model": SERVED, "max_tokens": 64, "ignore_eos": True, "temperature": 0, "skip_special_tokens": False, "stream": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "system", "content": document(999_999, args.doc_words)},
                          {"role": "user", "content": "probe"}]}
