@@ -232,6 +232,27 @@ def report(results: dict, modes: list, workloads: list) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, modes: list, workloads: list, path: Path) -> None:
+    """Per workload: TTFT p90 against output tok/s, one point per mode and round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
+    for axis, workload in zip(axes[0], workloads):
+        for mode in modes:
+            runs = [run[workload] for run in results.get(mode, []) if workload in run]
+            axis.scatter([r["output_tokens_per_s"] for r in runs], [r["ttft_p90_ms"] for r in runs], label=mode, s=40)
+        axis.set_title(f"{workload}: 2 replicas")
+        axis.set_xlabel("output tok/s (higher is better)")
+        axis.set_ylabel("TTFT p90, ms (lower is better)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default="leastconn,prefix,session")
@@ -265,6 +286,7 @@ def main(argv=None) -> int:
     text = report(complete, [mode for mode in modes if mode in complete], args.workloads)
     print("\n" + text)
     (out / "report.txt").write_text(text + "\n")
+    plot(results, modes, args.workloads, out / "routing.png")
     return 0
 
 
