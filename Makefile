@@ -2,6 +2,7 @@
 #   make serve   the serving app on a local Ray, CPU, offline (tiny demo model unless MODEL is set)
 #   make test    the whole default suite (chart + app on the real vLLM CPU engine)
 #   make bench   the throughput/latency benchmark
+#   make bench-routing   serving.routing's modes against each other, 2 replicas (bench/routing.py)
 #   make soak    ten minutes of mixed traffic against the local stack (tests/soak/test_soak.py)
 #   make freeze  re-lock requirements/constraints.txt after changing a pin in requirements/
 # Each target sets up .venv first (only when requirements/ changed), under the lock.
@@ -22,7 +23,7 @@ MODEL ?=
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-chart test-app test-faults test-cluster soak bench docs freeze clean
+.PHONY: setup serve test test-chart test-app test-faults test-cluster soak bench bench-routing docs freeze clean
 
 setup: $(STAMP)
 
@@ -63,6 +64,9 @@ test-cluster: setup
 
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-routing: setup
+	$(PY) -m bench.routing $(BENCH_ARGS)
 
 docs: setup
 	$(PY) -m tools.values_doc --write

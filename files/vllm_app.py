@@ -37,6 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 from ray import serve
 
+import vllm_app_routing
+
 logger = logging.getLogger("ray.serve")
 
 # The serveConfigV2 env var holding the sha256 of this file, set by the chart (see section 5).
@@ -115,6 +117,8 @@ class ServingArgs(_Args):
     warmup: bool = True
     # The watchdog's threshold: seconds without an engine step while requests wait (section 6).
     engine_stall_seconds: float = Field(default=60, gt=0)
+    # Which replica takes a request: HAProxy's leastconn, or by session / prefix (vllm_app_routing.py).
+    routing: vllm_app_routing.RoutingArgs = Field(default_factory=vllm_app_routing.RoutingArgs)
 
     empty_is_unset = field_validator("api_key_env", "api_keys_dir", mode="before")(_empty_is_unset)
 
@@ -1095,6 +1099,12 @@ class VLLMServer:
         return {**self.gate.stats, "engine_unfinished": self.engine.get_num_unfinished_requests(),
                 "pid": os.getpid(), "lora_adapters": lora_adapters_held(self.gate.app)}
 
+    def record_routing_stats(self) -> dict:
+        """Serve polls this for the routers of serving.routing (vllm_app_routing.py): the load and
+        the adapters that a routing decision weighs."""
+        return vllm_app_routing.routing_stats(self.gate.stats["in_flight"], self.gate.stats["requests"],
+                                              lora_adapters_held(self.gate.app))
+
     def __del__(self):
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
@@ -1125,4 +1135,7 @@ def build_app(args: dict) -> serve.Application:
         pass  # a controller without vLLM: the replica checks when it builds vLLM's arguments
     except SettingError as error:
         raise ValueError(f"{START_FAILED} {error}") from None
-    return VLLMServer.bind(app_args)
+    try:
+        return vllm_app_routing.routed_app(VLLMServer, (app_args,), app_args.serving.routing, app_args.model.name)
+    except RuntimeError as error:  # a Ray whose routing hook differs
+        raise ValueError(f"{START_FAILED} {error}") from None

@@ -268,7 +268,15 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
   "apiKeysDir" (include "vllm-rayservice.apiKeysDir" .)
   "logPrompts" .Values.serving.logPrompts
   "warmup" .Values.serving.warmup
-  "engineStallSeconds" .Values.serving.engineStallSeconds }}
+  "engineStallSeconds" .Values.serving.engineStallSeconds
+  "routing" (dict
+    "mode" .Values.serving.routing.mode
+    "sessionHeader" (lower .Values.serving.routing.sessionHeader)
+    "prefixBlockChars" (int .Values.serving.routing.prefixBlockChars)
+    "prefixMinMatchChars" (int .Values.serving.routing.prefixMinMatchChars)
+    "prefixMaxBlocks" (int .Values.serving.routing.prefixMaxBlocks)
+    "maxImbalance" (int .Values.serving.routing.maxImbalance)
+    "adapterAffinity" .Values.serving.routing.adapterAffinity) }}
 {{- $deployment := dict
   "name" "VLLMServer"
   "max_ongoing_requests" (int .Values.serving.maxOngoingRequests)
@@ -307,6 +315,8 @@ KubeRay's ray-service.high-throughput-llm sample). With serving.ingress=haproxy 
 - RAY_SERVE_ENABLE_HA_PROXY=1: each node runs HAProxy on the Serve port (8000) instead of Serve's
   Python ProxyActor. HAProxy answers /-/healthz and /-/routes itself, which KubeRay probes to put
   a pod behind the serve Service, so the Service, the probes and NOTES stay as they are.
+- With serving.routing in a routed mode, HAProxy asks the app's router deployment for each POST
+  (Serve's ingress request router, files/vllm_app_routing.py).
 - It forces Serve's direct ingress: each ingress replica serves HTTP itself on a port from
   30000-31000 (gRPC 40000-41000), bound on all interfaces so HAProxy on any node can reach it.
   Pod-to-pod traffic needs no containerPort; a NetworkPolicy must allow those ranges between the
@@ -319,6 +329,16 @@ KubeRay's ray-service.high-throughput-llm sample). With serving.ingress=haproxy 
 {{- if eq .Values.serving.ingress "haproxy" }}
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
+# serving.routing: HAProxy hands the router the request body (prompt, `user`, `model`) and the
+# session header, and Serve runs that many router replicas per node. They only act when the app
+# has a router, so switching serving.routing.mode
+# changes serveConfigV2 alone (an in-place app restart), never the pods.
+- name: RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY
+  value: "1"
+- name: RAY_SERVE_SESSION_ID_HEADER_KEY
+  value: {{ .Values.serving.routing.sessionHeader | lower | quote }}
+- name: RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE
+  value: {{ .Values.serving.routing.routerReplicasPerNode | int | quote }}
 {{- end }}
 {{- end }}
 

@@ -45,6 +45,12 @@ the burst sheds requests the replica has room for (measured: 32 at once with 32 
 of 16 shed up to 9 of them). A queue of at least maxOngoingRequests keeps every request that finds a
 free slot. */}}
 {{- $queue := int .Values.serving.maxQueuedRequests }}
+{{- if and (ne .Values.serving.routing.mode "leastconn") (ne .Values.serving.ingress "haproxy") }}
+{{- fail (printf "serving.routing.mode is %s, which needs serving.ingress: haproxy (HAProxy asks the router which replica takes each request; Serve's Python proxy has no such hook). Set serving.ingress: haproxy, or serving.routing.mode: leastconn." .Values.serving.routing.mode) }}
+{{- end }}
+{{- if and (eq .Values.serving.routing.mode "prefix") (lt (int .Values.serving.routing.prefixMinMatchChars) (int .Values.serving.routing.prefixBlockChars)) }}
+{{- fail (printf "serving.routing.prefixMinMatchChars (%d) is below prefixBlockChars (%d): prompts are compared in whole blocks, so no match could be that short. Raise prefixMinMatchChars or lower prefixBlockChars." (int .Values.serving.routing.prefixMinMatchChars) (int .Values.serving.routing.prefixBlockChars)) }}
+{{- end }}
 {{- if and (eq .Values.serving.ingress "haproxy") (ne $queue -1) (lt $queue (int .Values.serving.maxOngoingRequests)) }}
 {{- fail (printf "serving.maxQueuedRequests is %d, below serving.maxOngoingRequests (%d): under serving.ingress haproxy, Ray Serve counts requests that arrive together as queued until each takes a slot, so this queue would refuse bursts the replica has room for. Set serving.maxQueuedRequests to -1 or at least %d, or use serving.ingress: proxy." $queue (int .Values.serving.maxOngoingRequests) (int .Values.serving.maxOngoingRequests)) }}
 {{- end }}

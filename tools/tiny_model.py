@@ -41,11 +41,23 @@ def _training_text(lines=4000, seed=0):
         yield " ".join(words).capitalize() + rng.choice([".", "!", "?", ","])
 
 
-def build(target, vocab_size=2048, seed=0):
-    """Write the model into `target` (a folder) unless an up-to-date copy is there; return its path."""
+# The tiny model's shape (FIELD_NOTES section 4): 336k parameters, prefill of anything in a millisecond.
+TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1}
+# A model where prefill costs something (the routing benchmark, bench/routing.py): about 26M
+# parameters, head_dim 64, random weights all the same.
+BENCH_SHAPE = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+               "num_key_value_heads": 2}
+
+
+def build(target, vocab_size=2048, seed=0, shape=None):
+    """Write the model into `target` (a folder) unless an up-to-date copy is there; return its path.
+    `shape` overrides TINY_SHAPE's Llama sizes."""
     target = Path(target)
     marker = target / "tiny_model_recipe.json"
-    if marker.exists() and json.loads(marker.read_text()).get("version") == RECIPE_VERSION:
+    shape = {**TINY_SHAPE, **(shape or {})}
+    if marker.exists() and json.loads(marker.read_text()).get("version") == RECIPE_VERSION \
+            and json.loads(marker.read_text()).get("shape", TINY_SHAPE) == shape:
         return target
 
     # Heavy imports stay here, so importing this module for RECIPE_VERSION costs nothing.
@@ -73,11 +85,7 @@ def build(target, vocab_size=2048, seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **shape,
         max_position_embeddings=2048,
         bos_token_id=tokenizer.token_to_id("<s>"),
         eos_token_id=tokenizer.token_to_id("</s>"),
@@ -86,7 +94,7 @@ def build(target, vocab_size=2048, seed=0):
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(target, safe_serialization=True)
-    marker.write_text(json.dumps({"version": RECIPE_VERSION, "seed": seed}))
+    marker.write_text(json.dumps({"version": RECIPE_VERSION, "seed": seed, "shape": shape}))
     return target
 
 

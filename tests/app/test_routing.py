@@ -1,0 +1,192 @@
+"""serving.routing live: the chart's app with 2 model replicas and its router on the local Ray,
+behind HAProxy, on the real vLLM CPU engine (tiny model). It is deployed beside the session's apps
+(tests/app/conftest.py) under its own route, first in prefix mode, then switched in place to
+session mode. Which replica served a request is read from the replicas' own log lines (each
+names the request id the test sent).
+
+What a user would notice: a tenant's turns land on one replica; a flood of one shared prompt
+spreads over both once the load guard trips; a session's turns land on one replica, by header or
+by the OpenAI `user` field; killing a router replica under load loses no request."""
+
+import asyncio
+import glob
+import os
+import time
+import uuid
+from collections import Counter
+
+import httpx
+import pytest
+
+from tools import serve_local
+
+from tests.app.conftest import API_KEY
+
+APP, PREFIX = "routed", "/routed"
+SERVED = "tiny-routed"
+# One tenant's long shared system prompt: about 2,000 characters, well over prefixMinMatchChars.
+SYSTEM = {tenant: f"You are the assistant of tenant {tenant}. "
+          + "".join(f"Rule {tenant}{n}: answer briefly and politely. " for n in range(50)) for tenant in "ABCDEFGH"}
+
+
+def routing_app(server, tiny_model_dir, mode: str) -> dict:
+    values = {"model": {"servedName": SERVED}, "engine": {"maxModelLen": 2048},
+              "serving": {"replicas": 2, "engineStallSeconds": 120,
+                          "routing": {"mode": mode, "maxImbalance": 3}}}
+    config, _ = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model=str(tiny_model_dir),
+                                               port=server.port, values=values)
+    [app] = config["applications"]
+    app.update(name=APP, route_prefix=PREFIX)
+    app["deployments"][0]["ray_actor_options"]["num_cpus"] = 0
+    app["deployments"][0]["graceful_shutdown_timeout_s"] = 5
+    return app
+
+
+def deploy(server, app) -> None:
+    others = [a for a in server.config["applications"] if a["name"] != APP]
+    server.config = {**server.config, "applications": [*others, app]}
+    started = time.monotonic()
+    server.submit()
+    # A mode change restarts the app in place: wait until the model deployment runs the new mode.
+    mode = app["args"]["serving"]["routing"]["mode"]
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = server.status().get("applications", {}).get(APP, {})
+        model = status.get("deployments", {}).get("VLLMServer", {})
+        kwargs = model.get("deployment_config", {}).get("request_router_config", {}).get("request_router_kwargs", {})
+        if status.get("status") == "RUNNING" and model.get("status") == "HEALTHY" and kwargs.get("mode") == mode:
+            break
+        if status.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
+            pytest.fail(f"{APP} is {status.get('status')}: {status.get('message')}")
+        time.sleep(1)
+    else:
+        pytest.fail(f"{APP} did not run with its new args in 600 s: {server.status()}")
+    print(f"\n{APP} ({app['args']['serving']['routing']['mode']}) RUNNING after {time.monotonic() - started:.1f}s")
+
+
+@pytest.fixture(scope="module")
+def routed(server, tiny_model_dir):
+    """Deploys the routed app in a mode: routed(mode). Removed after this module."""
+    original = server.config
+
+    def in_mode(mode):
+        deploy(server, routing_app(server, tiny_model_dir, mode))
+
+    try:
+        yield in_mode
+    finally:
+        server.config = original
+        server.submit()
+
+
+def served_by(server, request_ids, timeout: float = 30) -> dict:
+    """{request id: replica log file} for the routed app's replicas."""
+    pattern = os.path.join(server.logs_dir, "serve", f"replica_{APP}_VLLMServer_*.log")
+    deadline, found = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline and len(found) < len(request_ids):
+        time.sleep(0.5)
+        for path in glob.glob(pattern):
+            with open(path, errors="replace") as log:
+                for line in log:
+                    for request_id in request_ids:
+                        if f"request_id={request_id} " in line:
+                            found[request_id] = os.path.basename(path)
+    missing = [r for r in request_ids if r not in found]
+    assert not missing, f"no replica logged {missing[:3]}... ({len(missing)} of {len(request_ids)})"
+    return found
+
+
+def chat_body(tenant, turns, **extra):
+    messages = [{"role": "system", "content": SYSTEM[tenant]}]
+    for n, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn})
+        if n < len(turns) - 1:
+            messages.append({"role": "assistant", "content": f"Answer {n}."})
+    return {"model": SERVED, "messages": messages, "max_tokens": 8, "temperature": 0, **extra}
+
+
+def post(client, body, headers=None) -> str:
+    request_id = f"rt-{uuid.uuid4().hex[:12]}"
+    response = client.post(f"{PREFIX}/v1/chat/completions", json=body,
+                           headers={"x-request-id": request_id, **(headers or {})})
+    assert response.status_code == 200, response.text
+    return request_id
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as http:
+        yield http
+
+
+async def flood(server, bodies, headers=None) -> list:
+    async with httpx.AsyncClient(base_url=server.url, timeout=180,
+                                 headers={"Authorization": f"Bearer {API_KEY}", **(headers or {})}) as http:
+        async def one(body):
+            request_id = f"rt-{uuid.uuid4().hex[:12]}"
+            response = await http.post(f"{PREFIX}/v1/chat/completions", json=body, headers={"x-request-id": request_id})
+            return request_id, response.status_code, response.text[:200]
+        return await asyncio.gather(*map(one, bodies))
+
+
+# -- prefix mode -------------------------------------------------------------------------------
+
+
+def test_prefix_mode_should_keep_each_tenants_turns_on_one_replica(server, routed, client):
+    routed("prefix")
+    turns = {tenant: [post(client, chat_body(tenant, [f"question {n}" for n in range(1, turn + 1)]))
+                      for turn in range(1, 5)] for tenant in "ABCDEFGH"}
+    where = served_by(server, [r for ids in turns.values() for r in ids])
+    homes = {tenant: {where[r] for r in ids} for tenant, ids in turns.items()}
+    print("replica of each tenant:", homes)
+    assert all(len(replicas) == 1 for replicas in homes.values()), homes
+    # Eight tenants placed by hash over two replicas: both get some.
+    assert len(set().union(*homes.values())) == 2, homes
+
+
+def test_prefix_mode_should_spread_a_flood_of_one_prompt_once_the_guard_trips(server, routed):
+    bodies = [chat_body("A", [f"user {n} asks"], max_tokens=64) for n in range(16)]
+    results = asyncio.run(flood(server, bodies))
+    assert all(status == 200 for _, status, _ in results), results
+    counts = Counter(served_by(server, [r for r, _, _ in results]).values())
+    print("one shared prompt, 16 at once:", dict(counts))
+    assert len(counts) == 2 and min(counts.values()) >= 4, counts
+
+
+# -- session mode (switched in place) ----------------------------------------------------------
+
+
+def test_session_mode_should_keep_a_sessions_turns_on_one_replica_by_header_or_user(server, routed, client):
+    routed("session")
+    by_header = {s: [post(client, chat_body("ABCDEFGH"[n % 8], [f"turn {t} of {s}"]), {"x-session-id": s})
+                     for t in range(3)] for n, s in enumerate(f"s-{i}" for i in range(8))}
+    by_user = {u: [post(client, chat_body("ABCDEFGH"[n % 8], [f"turn {t}"], user=u)) for t in range(3)]
+               for n, u in enumerate(f"user-{i}" for i in range(8))}
+    sessions = {**by_header, **by_user}
+    where = served_by(server, [r for ids in sessions.values() for r in ids])
+    homes = {session: {where[r] for r in ids} for session, ids in sessions.items()}
+    print("replica of each session:", homes)
+    assert all(len(replicas) == 1 for replicas in homes.values()), homes
+    assert len(set().union(*homes.values())) == 2, homes
+
+
+def test_killing_a_router_replica_under_load_should_lose_no_request(server, routed):
+    import ray
+
+    replicas = server.status()["applications"][APP]["deployments"]["VLLMRouter"]["replicas"]
+    routers = [replica["actor_name"] for replica in replicas if replica["state"] == "RUNNING"]
+    assert len(routers) == 2, replicas  # serving.routing.routerReplicasPerNode on this one node
+    victim = ray.get_actor(routers[0], namespace="serve")
+
+    async def load_with_a_kill():
+        bodies = [chat_body("ABCDEFGH"[n % 8], [f"kill test {n}"], max_tokens=32) for n in range(60)]
+        waves = []
+        for start in range(0, 60, 10):
+            if start == 20:
+                ray.kill(victim, no_restart=False)
+            waves += await flood(server, bodies[start:start + 10], {"x-session-id": f"k-{start}"})
+        return waves
+
+    results = asyncio.run(load_with_a_kill())
+    failed = [(r, status, text) for r, status, text in results if status != 200]
+    assert not failed, f"{len(failed)} of {len(results)} failed after a router replica was killed: {failed[:3]}"
