@@ -275,7 +275,7 @@ def build(force: bool = False) -> str:
         # The context holds only what the Dockerfile copies (the repository root would send .venv).
         (Path(context) / "requirements").mkdir()
         shutil.copy(CONSTRAINTS, Path(context) / "requirements" / "constraints.txt")
-        command = ["build", "--network", "host", "-f", str(DOCKERFILE), "-t", IMAGE,
+        command = ["build", "--force-rm", "--network", "host", "-f", str(DOCKERFILE), "-t", IMAGE,
                    "--label", f"{INPUTS_LABEL}={key}",
                    "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"TORCH_INDEX_URL={index}", context]
         BUILD_LOG.parent.mkdir(parents=True, exist_ok=True)
