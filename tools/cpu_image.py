@@ -96,21 +96,21 @@ def base_tarball() -> Path:
     return CACHE / f"rootfs-{DEBIAN_SUITE}-py311-r{BASE_RECIPE}.tar"
 
 
-def pip_config_value(name: str) -> Optional[str]:
-    """One setting of this machine's pip configuration (environment first, as pip reads it)."""
-    if os.environ.get(f"PIP_{name.upper().replace('-', '_')}"):
-        return os.environ[f"PIP_{name.upper().replace('-', '_')}"]
+def pip_config_values(name: str) -> list[str]:
+    """A setting of this machine's pip configuration, from its environment (PIP_...) and its files,
+    environment first as pip reads it; whitespace-separated lists split."""
+    values = os.environ.get(f"PIP_{name.upper().replace('-', '_')}", "").split()
     result = subprocess.run([sys.executable, "-m", "pip", "config", "list"], text=True, capture_output=True)
     for line in result.stdout.splitlines():
         key, _, value = line.partition("=")
         if key.rsplit(".", 1)[-1] == name:
-            return value.strip().strip("'\"")
-    return None
+            values += [item for item in value.strip().strip("'\"").split() if item not in values]
+    return values
 
 
 def machine_pip_files() -> dict[str, bytes]:
     """The files that carry this machine's pip configuration into the base: its CA bundle, if any."""
-    cert = pip_config_value("cert")
+    cert = next(iter(pip_config_values("cert")), None)
     if not cert or not Path(cert).is_file():
         return {}
     return {"etc/ssl/certs/pip-ca-bundle.crt": Path(cert).read_bytes(),
@@ -187,18 +187,11 @@ def _run(command: list[str]) -> None:
 
 def pip_wheel_sources() -> list[Path]:
     """Local folders pip here takes packages from: find-links folders and file:// indexes."""
-    result = subprocess.run([sys.executable, "-m", "pip", "config", "list"], text=True, capture_output=True)
-    values = []
-    for line in result.stdout.splitlines():
-        key, _, value = line.partition("=")
-        if key.endswith(("find-links", "extra-index-url", "index-url")):
-            values += value.strip().strip("'\"").split()
-    for name in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL"):
-        values += os.environ.get(name, "").split()
     folders = []
-    for value in values:
+    for value in [*pip_config_values("find-links"), *pip_config_values("extra-index-url"),
+                  *pip_config_values("index-url")]:
         path = Path(value.removeprefix("file://"))
-        if (value.startswith("file://") or value.startswith("/")) and path.is_dir() and path not in folders:
+        if value.startswith(("file://", "/")) and path.is_dir() and path not in folders:
             folders.append(path)
     return folders
 
