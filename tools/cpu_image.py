@@ -53,10 +53,11 @@ BUILD_LOG = REPO / "build" / "containers" / "image-build.log"
 
 # The base: what python:3.11-slim-bookworm gives the Dockerfile (Python 3.11, pip, apt sources),
 # from Debian's packages. Bump BASE_RECIPE when this changes, so cached tarballs are rebuilt.
-BASE_RECIPE = "1"
+BASE_RECIPE = "2"
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = os.environ.get("VLLM_RAYSERVICE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-BASE_PACKAGES = ["python3", "python3-venv", "ca-certificates"]
+# python3-dev: the slim image ships Python's headers, which torch's inductor includes when it compiles.
+BASE_PACKAGES = ["python3", "python3-venv", "python3-dev", "ca-certificates"]
 BASE_IMAGE = f"vllm-rayservice-base:{DEBIAN_SUITE}-py311-r{BASE_RECIPE}"
 # What the python images set; PATH as theirs: /usr/local/bin first.
 BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
