@@ -171,12 +171,12 @@ def worker_lost_under_load(cluster):
     killed_at = time.monotonic()
     record.killed.kill()
     figures["kill_of"] = record.killed.name
+    sampling = threading.Event()
     try:
         record.replacement = cluster.start_worker()
         record.replacement_started = time.monotonic() - killed_at
         record.replacement.watch(GUIDE_PROBE, pods.RAYLET_ONLY_PROBE)
         record.replacement.watch(KUBERAY_PROBE, pods.kuberay_worker_readiness(cluster.rendered.serve_port))
-        sampling = threading.Event()
 
         def sample_direct():
             while not sampling.is_set():
@@ -197,6 +197,7 @@ def worker_lost_under_load(cluster):
         record.error = str(error)
     finally:
         stop.set()
+        sampling.set()
         for thread in threads:
             thread.join(HANG_AFTER_S + 15)
     # Times from the kill: negative before it.
