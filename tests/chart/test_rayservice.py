@@ -1,5 +1,6 @@
 """templates/rayservice.yaml: what a user's values turn into, read as the user's intent."""
 
+import hashlib
 import re
 import shutil
 
@@ -193,9 +194,12 @@ class TestAppMount:
         assert set(configmap["data"]) == app_modules | {"smoke_test.py"}
 
     def test_configmap_should_hold_the_files_verbatim(self, render):
+        """Byte for byte, final newline included: the files the pods see must hash to the
+        VLLM_APP_SHA256 of serveConfigV2, or the app waits for a ConfigMap update that never comes
+        (found by running the pods as containers, tests/containers)."""
         data = render().one("ConfigMap")["data"]
-        assert data["vllm_app.py"] == (chart.CHART_DIR / "files" / "vllm_app.py").read_text().rstrip("\n")
-        assert data["smoke_test.py"] == (chart.CHART_DIR / "files" / "smoke_test.py").read_text().rstrip("\n")
+        assert data["vllm_app.py"] == (chart.CHART_DIR / "files" / "vllm_app.py").read_text()
+        assert data["smoke_test.py"] == (chart.CHART_DIR / "files" / "smoke_test.py").read_text()
 
 
 class TestServeConfig:
@@ -390,7 +394,6 @@ class TestUpgrades:
         assert before.rayservice()["spec"]["rayClusterConfig"] == after.rayservice()["spec"]["rayClusterConfig"]
 
     def test_code_hash_should_be_the_sha256_of_the_shipped_app(self, render):
-        import hashlib
 
         files = chart.CHART_DIR / "files"
         app_files = sorted(files.glob("vllm_app*.py"))
@@ -400,10 +403,15 @@ class TestUpgrades:
         assert env["VLLM_APP_SHA256"] == expected
 
     def test_configmap_should_ship_every_app_module_the_hash_covers(self, render):
-        [configmap] = [o for o in render().objects if o["kind"] == "ConfigMap" and "vllm_app.py" in o["data"]]
+        rendered = render()
+        [configmap] = [o for o in rendered.objects if o["kind"] == "ConfigMap" and "vllm_app.py" in o["data"]]
         files = chart.CHART_DIR / "files"
         for path in files.glob("vllm_app*.py"):
-            assert configmap["data"][path.name] == path.read_text().rstrip("\n")
+            assert configmap["data"][path.name] == path.read_text()
+        # What the app computes on a pod (code_digest) over the files the kubelet writes from it.
+        on_the_pod = "".join(configmap["data"][path.name] for path in sorted(files.glob("vllm_app*.py")))
+        env = rendered.serve_config()["applications"][0]["runtime_env"]["env_vars"]
+        assert hashlib.sha256(on_the_pod.encode()).hexdigest() == env["VLLM_APP_SHA256"]
 
 
 class TestNamesAndLabels:
