@@ -113,10 +113,30 @@ def local_serve_config(values_files=(), set_values=(), model: Optional[str] = No
         overrides = chart.deep_merge(overrides, {"model": {"id": model}})
     rendered = chart.render(overrides, values_files=values_files, set_values=set_values, release="local")
     config = rendered.serve_config()
-    # The only change to the rendered config: listen on loopback, on the port asked for.
+    # The only changes to the rendered config: listen on loopback, on the port asked for, and read
+    # the key policies where this run wrote them.
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
+    write_key_policies(rendered, config, KEY_POLICIES_DIR / str(port))
     merged = chart.deep_merge(chart.load_values_files(values_files), overrides)
     return config, merged
+
+
+KEY_POLICIES_FILE = "key_policies.yaml"  # in the app ConfigMap (templates/_helpers.tpl)
+KEY_POLICIES_DIR = REPO / "build" / "key-policies"
+
+
+def write_key_policies(rendered: "chart.Rendered", config: dict, folder: Path) -> Path:
+    """The key policies the chart renders into the app ConfigMap, written to `folder` (the pods
+    read them from the ConfigMap mount), and the config's apps pointed at them. Rewriting the file
+    while the app runs is what the kubelet does after a `helm upgrade`."""
+    [text] = [cm["data"][KEY_POLICIES_FILE] for cm in rendered.of_kind("ConfigMap")
+              if KEY_POLICIES_FILE in cm.get("data", {})]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / KEY_POLICIES_FILE
+    path.write_text(text + "\n")
+    for app in config["applications"]:
+        app["args"]["serving"]["keyPoliciesFile"] = str(path)
+    return path
 
 
 def chart_ingress_env(values: Optional[dict] = None) -> dict:

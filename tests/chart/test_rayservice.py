@@ -187,7 +187,8 @@ class TestAppMount:
         assert env["PYTHONPATH"] == mount["mountPath"]
         assert "$" not in env["PYTHONPATH"]  # Kubernetes would leave a literal $PYTHONPATH
         configmap = rendered.one("ConfigMap")
-        assert set(configmap["data"]) == {"vllm_app.py", "vllm_app_worker.py", "smoke_test.py"}
+        assert set(configmap["data"]) == {"vllm_app.py", "vllm_app_quotas.py", "vllm_app_worker.py", "smoke_test.py",
+                                         "key_policies.yaml"}
 
     def test_configmap_should_hold_the_files_verbatim(self, render):
         data = render().one("ConfigMap")["data"]
@@ -222,7 +223,9 @@ class TestServeConfig:
                                   "reasoningParser": "qwen3", "chatTemplateContentFormat": "openai",
                                   "extraArgs": {"enable_prompt_tokens_details": True}}
         assert args["serving"] == {"apiKeyEnv": "", "apiKeysDir": "", "logPrompts": True,
-                                   "warmup": True, "engineStallSeconds": 60}
+                                   "warmup": True, "engineStallSeconds": 60,
+                                   "keyPoliciesFile": "/home/ray/vllm-rayservice/key_policies.yaml",
+                                   "priorityScheduling": False}
 
     def test_args_should_be_what_the_app_contract_accepts(self, render):
         import sys
@@ -390,7 +393,7 @@ class TestUpgrades:
 
         files = chart.CHART_DIR / "files"
         app_files = sorted(files.glob("vllm_app*.py"))
-        assert [path.name for path in app_files] == ["vllm_app.py", "vllm_app_worker.py"]
+        assert [path.name for path in app_files] == ["vllm_app.py", "vllm_app_quotas.py", "vllm_app_worker.py"]
         expected = hashlib.sha256(b"".join(path.read_bytes() for path in app_files)).hexdigest()
         env = render().serve_config()["applications"][0]["runtime_env"]["env_vars"]
         assert env["VLLM_APP_SHA256"] == expected
