@@ -106,8 +106,10 @@ def vllm_environment() -> dict:
 
 
 def local_serve_config(values_files=(), set_values=(), model: Optional[str] = None,
-                       port: int = 8000, values: Optional[dict] = None) -> tuple[dict, dict]:
-    """The chart's serveConfigV2 for a local run, and the merged values it came from."""
+                       port: int = 8000, values: Optional[dict] = None,
+                       key_policies_dir: Optional[Path] = None) -> tuple[dict, dict]:
+    """The chart's serveConfigV2 for a local run, and the merged values it came from. The key
+    policies go to `key_policies_dir` (default: a folder of this port's under build/)."""
     overrides = dict(values or {})
     if model:
         overrides = chart.deep_merge(overrides, {"model": {"id": model}})
@@ -116,7 +118,7 @@ def local_serve_config(values_files=(), set_values=(), model: Optional[str] = No
     # The only changes to the rendered config: listen on loopback, on the port asked for, and read
     # the key policies where this run wrote them.
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
-    write_key_policies(rendered, config, KEY_POLICIES_DIR / str(port))
+    write_key_policies(rendered, config, key_policies_dir or KEY_POLICIES_DIR / str(port))
     merged = chart.deep_merge(chart.load_values_files(values_files), overrides)
     return config, merged
 
