@@ -280,26 +280,37 @@ class Ledger:
 class LedgerActor:
     """The app's ledger as a Ray actor: one per app and version of this file, detached (it outlives
     the replica that created it), restarted empty by Ray if its process dies (the replicas then
-    re-seed it), and gone by itself once no replica has called for 10 minutes."""
+    re-seed it), and gone by itself once no replica has called for IDLE_EXIT_S (the app was
+    deleted). Its methods are async but never await, so each runs whole, one at a time."""
+
+    IDLE_EXIT_S = 600
 
     def __init__(self):
         self.ledger = Ledger()
+        self._watch: Optional[asyncio.Task] = None
 
-    def sync(self, replica, asks, known=None, history=None, slots=None):
-        answer = self.ledger.sync(replica, asks, known, history, slots)
-        if self.ledger.idle_s() > 600:
-            import ray
+    def _watching(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._exit_when_idle())
 
-            ray.actor.exit_actor()
-        return answer
+    async def _exit_when_idle(self) -> None:
+        while self.ledger.idle_s() < self.IDLE_EXIT_S:
+            await asyncio.sleep(60)
+        import ray
 
-    def acquire_slot(self, replica, key, cap):
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    async def sync(self, replica, asks, known=None, history=None, slots=None):
+        self._watching()
+        return self.ledger.sync(replica, asks, known, history, slots)
+
+    async def acquire_slot(self, replica, key, cap):
         return self.ledger.acquire_slot(replica, key, cap)
 
-    def release_slot(self, replica, key):
+    async def release_slot(self, replica, key):
         self.ledger.release_slot(replica, key)
 
-    def slots_held(self, key):
+    async def slots_held(self, key):
         return self.ledger.slots_held(key)
 
 
