@@ -397,11 +397,12 @@ class Account:
         self.set_limit(limit)
         self.credit = 0.0
         self.owed = 0.0
-        self.ledger_free = float(limit)  # until the first sync says otherwise
-        self.room = float(self.slice)
+        self.ledger_free = 0.0  # until the first sync says otherwise
+        self.room = 0.0
         self.free_at = 0.0
         self.empty_at = 0.0
         self.last_demand = float("-inf")
+        self.synced = False  # the ledger has answered about it at least once
         self.history: collections.deque = collections.deque()  # (time, amount) spent at this replica
 
     def set_limit(self, limit: int) -> None:
@@ -484,6 +485,7 @@ class Quotas:
         self._next_connect = float("-inf")
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
+        self._sync_lock: Optional[asyncio.Lock] = None
         if policies.current.any_priority and not priority_scheduling:
             logger.warning("a key policy sets a priority, but the engine runs without priority scheduling: "
                            "the chart turns it on when serving.keyPolicies sets a priority (an app restart)")
@@ -501,6 +503,13 @@ class Quotas:
         if not accounts and policy.max_concurrent is None:
             return Admission([], priority=priority)
         self._ensure_running()
+        if any(not account.synced for account in accounts):
+            # A key's first request at this replica waits for the ledger once: without its answer,
+            # each replica would admit a slice of its own before learning that the minute is spent.
+            for account in accounts:
+                account.last_demand = now
+            await self.sync()
+            now = self.clock()
         if not charged:
             return Admission(self._headers(accounts, now), priority=priority)
         for account in accounts:
@@ -623,7 +632,7 @@ class Quotas:
                 pass
             self._wake.clear()
             try:
-                await self.sync_once()
+                await self.sync()
                 # At most MAX_SYNCS_PER_S calls, and room for the event loop even when the ledger
                 # answers at once (the in-process fallback does).
                 await asyncio.sleep(1 / MAX_SYNCS_PER_S)
@@ -631,6 +640,13 @@ class Quotas:
                 raise
             except Exception:  # noqa: BLE001 (the loop must go on; the error is logged)
                 logger.exception("quota sync failed")
+
+    async def sync(self) -> None:
+        """sync_once, one call at a time."""
+        if self._sync_lock is None:
+            self._sync_lock = asyncio.Lock()
+        async with self._sync_lock:
+            await self.sync_once()
 
     async def sync_once(self) -> None:
         """One call to the ledger: charge what was spent beyond the leases, top up the leases in
@@ -684,6 +700,7 @@ class Quotas:
             account.room = min(account.ledger_free, account.slice)
             account.free_at = now + result["free_in"]
             account.empty_at = now + result["empty_in"]
+            account.synced = True
             if self.metrics is not None:
                 self.metrics.remaining(account.key, account.kind, account.remaining())
         if any(account.needs_sync(now) and account.ledger_free >= 1 for account in accounts):

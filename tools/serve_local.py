@@ -260,6 +260,25 @@ class LocalServe:
     def status(self) -> dict:
         return self._request("GET", "/api/serve/applications/")
 
+    @contextlib.contextmanager
+    def added(self, app: dict, timeout: float = 600):
+        """Deploy one more application beside the running ones (as a `helm upgrade` adding it to
+        serveConfigV2 would), wait until it runs, and remove it afterwards. Serve removes it in the
+        background once it says DELETING; the running apps are never touched."""
+        original = self.config
+        self.config = {**original, "applications": [*original["applications"], app]}
+        try:
+            self.submit()
+            self.wait_running(timeout)
+            yield app
+        finally:
+            self.config = original
+            self.submit()
+            deadline = time.monotonic() + 60
+            while self.status().get("applications", {}).get(app["name"], {}).get("status") not in (None, "DELETING") \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
+
     def wait_running(self, timeout: float = 600) -> dict:
         names = [app["name"] for app in self.config["applications"]]
         deadline = time.monotonic() + timeout

@@ -334,6 +334,19 @@ class TestReplicaAdmission:
 
         assert 57 <= run(scenario()) <= 63
 
+    def test_a_keys_first_request_at_each_replica_should_not_pass_a_spent_limit(self, tmp_path):
+        async def scenario():
+            clock = Clock()
+            actor = FakeActor(quotas.Ledger(clock=clock))
+            r1, r2 = (quota_set(tmp_path, "keyPolicies: {a: {requestsPerMinute: 1}}", clock, connect=lambda: actor,
+                                replica=name) for name in ("r1", "r2"))
+            first = await r1.admit("a")
+            first.done(0)
+            await r1.sync_once()
+            return first, await r2.admit("a"), await r1.admit("a")
+
+        assert [a.refused for a in run(scenario())] == [None, "requests", "requests"]
+
     def test_a_concurrency_cap_should_hold_across_replicas(self, tmp_path):
         async def scenario():
             clock = Clock()
