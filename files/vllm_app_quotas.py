@@ -403,6 +403,7 @@ class Account:
         self.empty_at = 0.0
         self.last_demand = float("-inf")
         self.synced = False  # the ledger has answered about it at least once
+        self.asking = False  # a request waits for the next sync's grant
         self.history: collections.deque = collections.deque()  # (time, amount) spent at this replica
 
     def set_limit(self, limit: int) -> None:
@@ -427,8 +428,17 @@ class Account:
     def remaining(self) -> int:
         return max(0, math.floor(self.credit + max(self.ledger_free - self.owed, 0.0)))
 
+    @property
+    def small(self) -> bool:
+        """A limit of at most one a second: its requests ask the ledger one by one (below)."""
+        return self.slice == 1
+
     def needs_sync(self, now: float) -> bool:
-        return self.owed > 0 or (self.credit < self.slice / 2 and now - self.last_demand < IDLE_GIVE_BACK_S)
+        """Whether the next sync has something to do: charge a debt, or top up a lease that runs low
+        while in demand. A small limit is never leased ahead: one replica would hold a good part of
+        the minute idle while another refuses for want of it."""
+        return self.owed > 0 or (not self.small and self.credit < self.slice / 2
+                                 and now - self.last_demand < IDLE_GIVE_BACK_S)
 
 
 class Admission:
@@ -503,11 +513,15 @@ class Quotas:
         if not accounts and policy.max_concurrent is None:
             return Admission([], priority=priority)
         self._ensure_running()
-        if any(not account.synced for account in accounts):
-            # A key's first request at this replica waits for the ledger once: without its answer,
-            # each replica would admit a slice of its own before learning that the minute is spent.
-            for account in accounts:
-                account.last_demand = now
+        asking = [account for account in accounts if not account.synced or (charged and account.small
+                                                                             and account.credit < 1)]
+        if asking:
+            # The ledger is asked, and the request waits for its answer: for a key's first request
+            # at this replica (each replica would otherwise admit a slice of its own before learning
+            # that the minute is spent), and for each request of a small limit (at most one a
+            # second: the wait, about a millisecond, is nothing next to the limit).
+            for account in asking:
+                account.last_demand, account.asking = now, True
             await self.sync()
             now = self.clock()
         if not charged:
@@ -662,7 +676,8 @@ class Quotas:
         asks, taken = [], []
         for account in accounts:
             give_back = account.credit if now - account.last_demand > IDLE_GIVE_BACK_S else 0.0
-            want = account.slice if account.needs_sync(now) and not give_back else 0
+            want = account.slice if (account.needs_sync(now) or account.asking) and not give_back else 0
+            account.asking = False
             asks.append({"key": account.key, "kind": account.kind, "limit": account.limit, "want": want,
                          "charge": account.owed, "give_back": give_back})
             taken.append((account.owed, give_back))
@@ -697,7 +712,7 @@ class Quotas:
         for account, result in zip(accounts, answer["answers"]):
             account.credit += result["granted"]
             account.ledger_free = result["free"]  # this replica's lease is in the ledger's `used`
-            account.room = min(account.ledger_free, account.slice)
+            account.room = 0.0 if account.small else min(account.ledger_free, account.slice)
             account.free_at = now + result["free_in"]
             account.empty_at = now + result["empty_in"]
             account.synced = True

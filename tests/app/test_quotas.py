@@ -146,7 +146,9 @@ class TestLimits:
         assert_429(response, "tokens")
         # The last admitted answer may pass the budget; a lease the other replica holds may be unspent.
         assert 300 - 2 * 5 <= used < 300 + 2 * 60, used
-        assert remaining[0] < 300 and all(0 <= value < 300 for value in remaining), remaining
+        # Each answer's headers are written before its own tokens are counted, and each replica
+        # shows what it last heard from the ledger: falling, but not in lockstep.
+        assert all(0 <= value <= 300 for value in remaining) and remaining[-1] < remaining[0], remaining
 
     def test_a_stream_past_the_token_budget_should_finish_and_be_charged_to_the_next_window(self, base_url):
         with httpx.stream("POST", base_url + "/v1/chat/completions", timeout=120,
@@ -205,8 +207,10 @@ class TestLimits:
         assert [a.status_code for a in answers] == [200, 200, 400, 200]
         for answer in answers:
             assert answer.headers["x-ratelimit-limit-requests"] == str(ACCURACY_RPM), answer.request.url
-            assert int(answer.headers["x-ratelimit-remaining-requests"]) < ACCURACY_RPM
+            assert int(answer.headers["x-ratelimit-remaining-requests"]) <= ACCURACY_RPM
             assert "x-ratelimit-reset-requests" in answer.headers
+        # GETs are free; each POST counts.
+        assert int(answers[-1].headers["x-ratelimit-remaining-requests"]) < ACCURACY_RPM
             assert "x-ratelimit-limit-tokens" not in answer.headers  # no token limit for this key
 
     def test_a_key_without_limits_should_get_no_headers(self, base_url):
@@ -239,6 +243,9 @@ class TestClients:
                                     "ignore_eos": True, "stream": True}) as response:
                 assert response.status_code == 200
                 release.wait(60)
+                # Read it to its end: a client that hangs up is noticed only when HAProxy times out.
+                for _ in response.iter_lines():
+                    pass
 
         holder = threading.Thread(target=hold_the_slot)
         holder.start()
