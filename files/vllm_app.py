@@ -11,6 +11,8 @@ top to bottom:
      that touches vLLM's internals)       6. the deployment
   3. usage accounting                     7. build_app
 
+Quotas and priorities per API key are vllm_app_quotas.py's; the gate (section 4) calls it.
+
 vLLM is imported only inside section 2's functions, so building the app on the Serve controller
 and the unit tests of the contract do not need it.
 """
