@@ -660,7 +660,10 @@ class Quotas:
         if self._sync_lock is None:
             self._sync_lock = asyncio.Lock()
         async with self._sync_lock:
+            ledger = self.ledger
             await self.sync_once()
+            if self.ledger is not ledger and isinstance(self.ledger, LocalLedger):
+                await self.sync_once()  # the ledger just went away: ask this replica's own at once
 
     async def sync_once(self) -> None:
         """One call to the ledger: charge what was spent beyond the leases, top up the leases in
@@ -674,6 +677,7 @@ class Quotas:
             history, slots = self._history(now, since), dict(self.in_flight)
         accounts = list(self.accounts.values())
         asks, taken = [], []
+        asking = [account.asking for account in accounts]
         for account in accounts:
             give_back = account.credit if now - account.last_demand > IDLE_GIVE_BACK_S else 0.0
             want = account.slice if (account.needs_sync(now) or account.asking) and not give_back else 0
@@ -688,9 +692,10 @@ class Quotas:
             if answer.get("need_history"):
                 raise _Restarted(answer["incarnation"])
         except BaseException as error:
-            for account, (charge, give_back) in zip(accounts, taken):
+            for account, (charge, give_back), asked in zip(accounts, taken, asking):
                 account.owed += charge
                 account.credit += give_back
+                account.asking = asked
             if isinstance(error, _Restarted):
                 logger.warning("the quota ledger restarted empty; this replica gives it its spending of the last minute")
                 self.incarnation = None

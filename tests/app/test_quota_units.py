@@ -389,6 +389,17 @@ class TestReplicaAdmission:
         # Neither closed (nothing admitted) nor open (200): about half the limit, plus the last lease.
         assert 25 <= admitted <= 35, admitted
 
+    def test_the_first_request_after_the_ledger_dies_should_not_be_refused_for_it(self, tmp_path):
+        async def scenario():
+            clock = Clock()
+            actor = FakeActor(quotas.Ledger(clock=clock))
+            q = quota_set(tmp_path, "keyPolicies: {a: {requestsPerMinute: 10}}", clock, connect=lambda: actor)
+            (await q.admit("a")).done(0)
+            actor.dead = True
+            return await q.admit("a")
+
+        assert run(scenario()).refused is None
+
     def test_a_restarted_ledger_should_be_given_the_last_minute(self, tmp_path):
         async def scenario():
             clock = Clock()
