@@ -475,9 +475,10 @@ def reset_text(seconds: float) -> str:
 
 class Quotas:
     """Admission by key policy at one replica. Rate limits are decided from this replica's leases
-    alone; a concurrency cap asks the ledger for a slot, since a cap that holds across replicas
-    cannot be decided locally. A background task keeps the leases topped up, charges what was
-    spent beyond them, and is the replica's heartbeat to the ledger."""
+    alone, but for a key's first request here and for small limits (see admit); a concurrency cap
+    asks the ledger for a slot, since a cap that holds across replicas cannot be decided locally. A
+    background task keeps the leases topped up, charges what was spent beyond them, and is the
+    replica's heartbeat to the ledger."""
 
     def __init__(self, policies: Policies, replica: str, connect: Optional[Callable[[], object]] = None,
                  metrics=None, priority_scheduling: bool = False, clock: Callable[[], float] = time.monotonic,
@@ -500,7 +501,7 @@ class Quotas:
             logger.warning("a key policy sets a priority, but the engine runs without priority scheduling: "
                            "the chart turns it on when serving.keyPolicies sets a priority (an app restart)")
 
-    # -- admission: the hot path. No remote call, but for a concurrency slot. ------------------
+    # -- admission: the hot path. No remote call but in the three cases the README lists. --------
 
     async def admit(self, key: str, charged: bool = True) -> Admission:
         """Whether a request with key `key` may go in. `charged`: it counts against the limits
