@@ -451,3 +451,46 @@ class TestGate:
         for response in responses:
             assert response.headers["x-ratelimit-limit-requests"] == "2"
         assert [r.headers["x-ratelimit-remaining-requests"] for r in responses] == ["1", "0", "0"]
+
+
+class TestEnginePriority:
+    def _served_priority(self, record_priority, client_priority):
+        from types import SimpleNamespace
+
+        seen = []
+
+        class Engine:
+            model_config = SimpleNamespace(served_model_name="chat")
+
+            async def generate(self, prompt, sampling_params, request_id, **kwargs):
+                seen.append(kwargs.get("priority"))
+                yield SimpleNamespace(prompt_token_ids=[1], finished=True, outputs=[SimpleNamespace(token_ids=[2])])
+
+        engine = vllm_app._metered(Engine)()
+
+        async def serve():
+            record = vllm_app.RequestRecord("r", "POST", "/v1/chat/completions")
+            record.priority = record_priority
+            token = vllm_app._current_request.set(record)
+            try:
+                async for _ in engine.generate("p", SimpleNamespace(), "r", priority=client_priority):
+                    pass
+            finally:
+                vllm_app._current_request.reset(token)
+
+        asyncio.run(serve())
+        return seen[0]
+
+    def test_the_keys_priority_should_replace_the_clients(self):
+        assert self._served_priority(5, -1000) == 5
+        assert self._served_priority(0, -1000) == 0  # a key without one: 0, not what the client asked
+
+    def test_without_priority_scheduling_the_client_priority_should_reach_vllm(self):
+        assert self._served_priority(None, 3) == 3  # vLLM then refuses it with its own 400
+
+    def test_priority_scheduling_should_give_every_key_its_policys_priority_or_0(self, tmp_path):
+        async def scenario():
+            q = quota_set(tmp_path, "keyPolicies: {batch: {priority: 10}}", Clock(), priority_scheduling=True)
+            return (await q.admit("batch")).priority, (await q.admit("other")).priority
+
+        assert run(scenario()) == (10, 0)
