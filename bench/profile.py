@@ -1,5 +1,5 @@
 """Where the app's replica spends its time under the benchmark's load: a py-spy profile of the
-replica process, summed by part of the serving path (README, "Performance").
+replica process, summed by part of the serving path (docs/performance.md).
 
     python -m bench.profile                      # concurrency 64, 30 s, the chart's CPU profile
     python -m bench.profile --concurrency 16 --seconds 60 --b-set engine.streamInterval=4

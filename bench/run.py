@@ -189,7 +189,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def markdown(report: dict) -> str:
-    """The README's tables from a results.json: per server and level, then the ratios."""
+    """The tables of docs/performance.md from a results.json: per server and level, then the ratios."""
     def cell(value, digits=0, unit=""):
         if not value:
             return "-"

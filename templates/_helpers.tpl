@@ -344,7 +344,7 @@ KubeRay's ray-service.high-throughput-llm sample). With serving.ingress=haproxy 
   release's Ray pods. HAProxy's stats (8404) and metrics (9101) ports listen on every node too.
 - RAY_SERVE_THROUGHPUT_OPTIMIZED is left off: it also moves Serve's request logs into a
   1000-line buffer and off stderr (so the per-request log line arrives late), and in an
-  alternating A/B on top of HAProxy it did not pay (README, "Performance").
+  alternating A/B on top of HAProxy it did not pay (docs/performance.md).
 */}}
 {{- define "vllm-rayservice.ingressEnv" -}}
 {{- if eq .Values.serving.ingress "haproxy" }}

@@ -135,6 +135,6 @@ def test_the_readme_should_install_the_kuberay_version_the_chart_assumes():
     import re
 
     default = chart.load_values_files([chart.CHART_DIR / "values.yaml"])["cluster"]["kuberayVersion"]
-    readme = (chart.CHART_DIR / "README.md").read_text()
+    readme = "\n".join(path.read_text() for path in [chart.CHART_DIR / "README.md", *(chart.CHART_DIR / "docs").glob("*.md")])
     installed = set(re.findall(r"helm install kuberay-operator kuberay/kuberay-operator --version (\S+)", readme))
     assert installed == {default}

@@ -259,7 +259,7 @@ class TestServeConfig:
 
     def test_should_check_replica_health_often_and_let_stopping_replicas_finish(self, render):
         # Serve's defaults (10 s period, 20 s grace) leave a dead engine unnoticed for ~30 s and cut
-        # long generations on a rollout; the chart's are shorter and longer (README, "Reliability").
+        # long generations on a rollout; the chart's are shorter and longer (docs/reliability.md).
         deployment = _deployment(render({}))
         assert (deployment["health_check_period_s"], deployment["health_check_timeout_s"],
                 deployment["graceful_shutdown_timeout_s"]) == (3, 15, 60)

@@ -116,5 +116,5 @@ def test_the_readme_should_size_the_kind_node_from_the_cpu_scenarios_requests():
     sentence = (f"With its {workers} workers the release requests {figure(*parts['total'])} of memory "
                 f"(the head {figure(*parts['head'])}, its autoscaler sidecar {figure(*parts['autoscaler'])}, "
                 f"each worker {figure(*parts['worker'])}): the kind node needs that much allocatable.")
-    readme = " ".join((REPO / "README.md").read_text().split())
-    assert sentence in readme, f"README's kind sizing is stale; it should read: {sentence}"
+    guide = " ".join((REPO / "docs" / "cluster-suite.md").read_text().split())
+    assert sentence in guide, f"docs/cluster-suite.md's kind sizing is stale; it should read: {sentence}"

@@ -1,6 +1,6 @@
 """The release under test on a live cluster: installed once per module with a unique name, torn down
 (and checked gone) afterwards, also when a test fails. Skips with instructions when no cluster is
-given; see the README, "Cluster end-to-end suite"."""
+given; see the docs/cluster-suite.md."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tools import chart, cluster, serve_local
 
 REPO = Path(__file__).resolve().parents[2]
 HOW_TO_RUN = ("no cluster given: pass --kubeconfig=PATH or set KUBECONFIG, e.g. "
-              "`make test-cluster PYTEST_ARGS=--kubeconfig=$HOME/.kube/config` (README, 'Cluster end-to-end suite')")
+              "`make test-cluster PYTEST_ARGS=--kubeconfig=$HOME/.kube/config` (docs/cluster-suite.md)")
 
 
 @dataclass

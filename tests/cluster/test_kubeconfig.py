@@ -1,4 +1,4 @@
-"""How a user points the cluster suite at a cluster: the README's command line must get past option
+"""How a user points the cluster suite at a cluster: the command line of docs/cluster-suite.md must get past option
 parsing and reach the prerequisites check, and helm, kubectl and pykube must read one file."""
 
 import os

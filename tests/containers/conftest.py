@@ -7,7 +7,7 @@ Needs a Docker engine (.ci/run installs and starts one). Without one, the tests 
 with CI=true they fail instead, so that a CI run never counts a skip as a pass.
 
 The figures (times from container start, probe results) are printed at the end of the session and
-written to build/containers/figures.json; the README's Reliability section quotes them.
+written to build/containers/figures.json; docs/reliability.md quotes them.
 """
 
 from __future__ import annotations

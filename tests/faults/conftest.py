@@ -6,7 +6,7 @@ The app's files are served from a copy (on PYTHONPATH, as the ConfigMap mount is
 rollout scenario can change the code the way `helm upgrade` does without touching the repository.
 
 Each scenario records its figures; at the end of the session they are merged into
-build/faults/figures.json, which `python -m tests.faults.figures` turns into the README's table.
+build/faults/figures.json, which `python -m tests.faults.figures` turns into the Reliability table (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README's Reliability table from the suite's figures (build/faults/figures.json):
+"""The Reliability table (docs/reliability.md) from the suite's figures (build/faults/figures.json):
 
     python -m tests.faults.figures
 """

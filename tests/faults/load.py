@@ -12,7 +12,7 @@ Every request ends in exactly one of these outcomes:
 
 HUNG_S is 45 s. The longest silence a healthy service may leave is a request held in Serve's queue
 while no replica is ready: a replacement replica loads the tiny model in 20 to 30 s on this
-machine's 2 cores (the suite measures it: the recovery times in the README). 45 s is that with
+machine's 2 cores (the suite measures it: the recovery times in docs/reliability.md). 45 s is that with
 half again as margin; a client waiting longer than that is waiting on nothing.
 """
 
