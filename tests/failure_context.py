@@ -78,7 +78,9 @@ def _tail(path: Path, lines: int = LOG_LINES) -> str:
 
 # Why a Ray process went away (a Serve controller restarted mid-test once, with no trace in the Serve
 # logs): the raylet logs its memory monitor's kills, the GCS every actor death and restart.
-DEATH_WORDS = re.compile(r"memory monitor|OutOfMemory|Killing|killed|died|restart", re.IGNORECASE)
+# Whole words only: the GCS's periodic debug state has counters named like
+# actor_to_restart_for_lineage_reconstruction_callbacks_, which say nothing.
+DEATH_WORDS = re.compile(r"memory monitor|OutOfMemory|\bKilling\b|\bkilled\b|\bdied\b|\brestart(ed|ing)?\b", re.IGNORECASE)
 DEATH_LINES = 12
 
 

@@ -13,7 +13,8 @@ def test_the_report_shows_log_tails_and_why_ray_processes_died(tmp_path):
         "heartbeat ok\n"
         "Killing worker with PID 4242 because the memory monitor found usage above 0.95\n"
         "heartbeat ok\n")
-    (tmp_path / "gcs_server.out").write_text("Actor SERVE_CONTROLLER_ACTOR died, restarting (1/-1)\n")
+    (tmp_path / "gcs_server.out").write_text("Actor SERVE_CONTROLLER_ACTOR died, restarting (1/-1)\n"
+                                             "- actor_to_restart_for_lineage_reconstruction_callbacks_: 0\n")
 
     report = failure_context.log_tails(SimpleNamespace(logs_dir=tmp_path))
 
@@ -22,6 +23,7 @@ def test_the_report_shows_log_tails_and_why_ray_processes_died(tmp_path):
     assert "Killing worker with PID 4242" in report
     assert "SERVE_CONTROLLER_ACTOR died" in report
     assert "heartbeat ok" not in report  # only the lines that say why something went away
+    assert "lineage_reconstruction" not in report
 
 
 def test_a_stopped_stack_says_so():
