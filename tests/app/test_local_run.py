@@ -143,7 +143,9 @@ def test_vllms_engine_metrics_should_reach_rays_metrics_port(server, http, model
     assert not missing, f"not exported on {server.metrics_url}: {missing}"
     generated = [line for line in text.splitlines()
                  if line.startswith("ray_vllm_generation_tokens_total") and f'model_name="{model_name}"' in line]
-    assert generated and float(generated[0].rsplit(" ", 1)[1]) >= 5
+    # Every app of the session serves this model name and warms up with 2 tokens, and the order of
+    # the series on the page is not fixed: the replica that served the 5 tokens is the largest.
+    assert generated and max(float(line.rsplit(" ", 1)[1]) for line in generated) >= 5, generated
 
 
 def test_the_local_run_should_serve_through_the_charts_default_ingress(server):
