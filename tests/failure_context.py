@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import re
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import pytest
@@ -68,11 +69,14 @@ def _describe(response: httpx.Response) -> str:
     return f"{request.method} {request.url} -> {response.status_code}\n  {body}"
 
 
-def _tail(path: Path, lines: int = LOG_LINES) -> str:
+def _tail(path: Path, lines: int = LOG_LINES, keep: Optional[re.Pattern] = None) -> str:
+    """The file's last `lines` lines, or with `keep` its last lines that match it."""
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError as error:
         return f"  (cannot read: {error})"
+    if keep is not None:
+        text = [line for line in text if keep.search(line)] or ["(none)"]
     return "\n".join("  " + line for line in text[-lines:])
 
 
@@ -82,14 +86,6 @@ def _tail(path: Path, lines: int = LOG_LINES) -> str:
 # actor_to_restart_for_lineage_reconstruction_callbacks_, which say nothing.
 DEATH_WORDS = re.compile(r"memory monitor|OutOfMemory|\bKilling\b|\bkilled\b|\bdied\b|\brestart(ed|ing)?\b", re.IGNORECASE)
 DEATH_LINES = 12
-
-
-def _matching(path: Path, pattern: re.Pattern, lines: int = DEATH_LINES) -> str:
-    try:
-        found = [line for line in path.read_text(errors="replace").splitlines() if pattern.search(line)]
-    except OSError as error:
-        return f"  (cannot read: {error})"
-    return "\n".join("  " + line for line in found[-lines:]) or "  (none)"
 
 
 def log_tails(local_serve) -> str:
@@ -106,7 +102,7 @@ def log_tails(local_serve) -> str:
                  *newest("worker-*.err", 2)]:
         parts.append(f"--- {path.relative_to(logs)} (last {LOG_LINES} lines)\n{_tail(path)}")
     for path in [logs / "raylet.out", logs / "gcs_server.out"]:
-        parts.append(f"--- {path.name}: kills, deaths and restarts\n{_matching(path, DEATH_WORDS)}")
+        parts.append(f"--- {path.name}: kills, deaths and restarts\n{_tail(path, DEATH_LINES, keep=DEATH_WORDS)}")
     return "\n".join(parts) or f"(no logs under {logs})"
 
 
