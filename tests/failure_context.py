@@ -1,7 +1,7 @@
 """What a failing test against the local stack prints, so that the next failure explains itself:
 the last HTTP responses the test process received (status and body), and the tail of the local
 Ray session's logs (the Serve replicas' and controller's log files, and the stderr of the Ray
-workers, where vLLM's engine reports a dead worker).
+workers, and the lines of their stdout where vLLM reports a dead engine worker).
 
 A pytest plugin (tests/conftest.py loads it). A suite registers its running stack with
 `watch(local_serve)`; every httpx request of the test process is recorded, the `openai` SDK's
@@ -86,6 +86,9 @@ def _tail(path: Path, lines: int = LOG_LINES, keep: Optional[re.Pattern] = None)
 # actor_to_restart_for_lineage_reconstruction_callbacks_, which say nothing.
 DEATH_WORDS = re.compile(r"memory monitor|OutOfMemory|\bKilling\b|\bkilled\b|\bdied\b|\brestart(ed|ing)?\b", re.IGNORECASE)
 DEATH_LINES = 12
+# vLLM logs a dead engine worker or EngineCore to stdout (the Ray workers' .out files), not stderr:
+# "Worker proc VllmWorker-0 died unexpectedly (exit code: -4)" is the only line that names a SIGILL.
+ENGINE_DEATH_WORDS = re.compile(r"died unexpectedly|exit code|encountered a fatal error|EngineDeadError")
 
 
 def log_tails(local_serve) -> str:
@@ -103,6 +106,10 @@ def log_tails(local_serve) -> str:
         parts.append(f"--- {path.relative_to(logs)} (last {LOG_LINES} lines)\n{_tail(path)}")
     for path in [logs / "raylet.out", logs / "gcs_server.out"]:
         parts.append(f"--- {path.name}: kills, deaths and restarts\n{_tail(path, DEATH_LINES, keep=DEATH_WORDS)}")
+    for path in newest("worker-*.out", 200):
+        found = _tail(path, DEATH_LINES, keep=ENGINE_DEATH_WORDS)
+        if found != "  (none)":
+            parts.append(f"--- {path.name}: vLLM engine deaths\n{found}")
     return "\n".join(parts) or f"(no logs under {logs})"
 
 
