@@ -12,6 +12,8 @@ CPU has AMX tiles (vllm/v1/attention/backends/cpu_attn.py, _get_attn_isa) and ne
 asks by itself, but only once a matrix product is large enough for its AMX kernels. So a worker
 whose first prompt is a few tokens long runs AMX attention before any oneDNN call asked, and dies
 with SIGILL (exit -4); a long first prompt makes oneDNN ask first, and all later prompts work.
+Seen under gdb on an Intel Xeon with AMX: the fault is `tilezero %tmm6` in the AMX attention kernel
+(vLLM's csrc/cpu/cpu_attn_amx.hpp) on a 2-token first prefill, and asking first makes it pass.
 Asking here, before the model runs, removes that ordering. On CPUs without AMX, or GPUs' hosts
 without it, the kernel refuses and nothing changes.
 """
