@@ -79,9 +79,10 @@ def free_port() -> int:
 def direct_ingress_ports(block: int = 50) -> dict:
     """Serve's direct-ingress port ranges for one local Ray: a block of `block` ports of 30000-30999
     (HTTP) and the same block of 40000-40999 (gRPC) that nothing holds now. Every local Ray
-    otherwise starts its replicas' HTTP servers at 30000, and they bind with SO_REUSEPORT: a second
-    local Ray on the machine (the CLI test beside the app tests' server) then shares port 30000
-    with the first, and the kernel hands its requests to either (seen: a 401 from the other app)."""
+    otherwise starts its replicas' HTTP servers at 30000. Ray 2.60's replicas bind without
+    SO_REUSEPORT, so a clash fails a replica's start rather than mixing two apps' traffic, but it
+    fails it: separate blocks keep local runs side by side (the CLI test beside the app tests'
+    server) from racing for the same ports."""
     for start in random.sample(range(30000, 31000, block), 1000 // block):
         if start not in _handed_out and all(map(_can_bind, range(start, start + block))) \
                 and all(map(_can_bind, range(start + 10000, start + 10000 + block))):
@@ -142,10 +143,17 @@ class LocalServe:
         self.ingress_env = chart_ingress_env(values)
         self.haproxy = self.ingress_env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
         if self.haproxy:
-            # HAProxy's stats and metrics ports: free ones, so local runs side by side don't clash.
-            # Ray 2.60 binds them on all interfaces; nothing here sends traffic to them.
+            # Every fixed port of Serve's HAProxy mode gets a free one, so local runs side by side
+            # don't clash. HAProxy's stats and metrics ports: Ray 2.60 binds them on all interfaces;
+            # nothing here sends traffic to them. The fallback proxy (Serve's Python proxy, which
+            # HAProxy uses while an app has no replica up, e.g. while it starts) binds 8500 with
+            # SO_REUSEPORT: two local Rays would share it, and the kernel would hand one's requests
+            # to the other's apps (seen: `make serve`'s /v1/models answered 401 by the app tests'
+            # server, whose app has keys).
             self.ingress_env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
                                     RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
+                                    RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=str(free_port()),
+                                    RAY_SERVE_FALLBACK_PROXY_GRPC_PORT=str(free_port()),
                                     **direct_ingress_ports())
         self.api_key = api_key
         self.dashboard_port = dashboard_port
