@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -224,7 +225,7 @@ class RenderedCluster:
             raise PodError("the chart renders a command for the Ray container; KubeRay would prepend it "
                            "to `ray start` (BuildPod): not modelled here")
         start = self.ray_start_command(node_type)
-        env = {item["name"]: str(item["value"]) for item in container.get("env") or [] if "value" in item}
+        env = container_env(container)
         group_name = "headgroup" if node_type == "head" else group["groupName"]
         address_host = "127.0.0.1" if node_type == "head" else self.head_service_fqdn
         injected = {
@@ -270,7 +271,7 @@ class RenderedCluster:
         """The helm test pod, with `image` in place of its Docker Hub image."""
         pod = self.rendered.one("Pod")["spec"]
         container = pod["containers"][0]
-        env = {item["name"]: str(item["value"]) for item in container.get("env") or [] if "value" in item}
+        env = container_env(container)
         security = {**(pod.get("securityContext") or {}), **(container.get("securityContext") or {})}
         spec = ContainerSpec(name=name, image=image, command=container["command"] + container.get("args", []),
                              env=env, user=f"{security['runAsUser']}:{security.get('runAsGroup', security['runAsUser'])}"
@@ -290,6 +291,27 @@ def render_cluster(values: Optional[dict] = None, values_file: str = "ci/05-cpu-
     name = rendered.rayservice()["metadata"]["name"]
     # utils.GenerateRayClusterName: <rayservice>-raycluster-<5 random characters>; fixed here.
     return RenderedCluster(rendered, release, namespace, f"{name}-raycluster-ctest")
+
+
+def container_env(container: dict) -> dict:
+    """The container's environment as the kubelet resolves it: plain values, and `resourceFieldRef`
+    (a CPU or memory limit or request, rounded up in units of its divisor; without a limit, the
+    node's capacity). Secrets (`secretKeyRef`) are left out: the tests give those themselves."""
+    resources = container.get("resources") or {}
+    env = {}
+    for item in container.get("env") or []:
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+            continue
+        ref = (item.get("valueFrom") or {}).get("resourceFieldRef")
+        if ref is None:
+            continue
+        kind, _, resource = ref["resource"].partition(".")  # e.g. limits.cpu
+        amount = (resources.get(kind) or {}).get(resource)
+        if amount is None:
+            amount = os.cpu_count() if resource == "cpu" else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        env[item["name"]] = str(math.ceil(quantity(amount) / quantity(ref.get("divisor", 1)) - 1e-9))
+    return env
 
 
 def _apply_resources(spec: ContainerSpec, resources: dict) -> None:
