@@ -1,6 +1,6 @@
 """The noisy neighbour: key A floods the service at 10x its capacity while key B sends a light,
 steady load; what B's time to first token becomes, without policies, with a quota on A, and with
-priorities (serving.keyPolicies; README, "Quotas per API key").
+priorities (serving.keyPolicies; docs/quotas.md).
 
     python -m bench.noisy_neighbour [--seconds 30] [--rounds 2] [--out build/noisy]
 

@@ -1,5 +1,5 @@
 """Quotas and fair share per API key: requests and tokens per minute, concurrency caps and
-priorities, enforced across all the replicas of the app (README, "Quotas per API key").
+priorities, enforced across all the replicas of the app (docs/quotas.md).
 
 vllm_app's gate calls this module; nothing here touches vLLM. Read top to bottom:
 
