@@ -110,7 +110,7 @@ def local_serve_config(values_files=(), set_values=(), model: Optional[str] = No
                        port: int = 8000, values: Optional[dict] = None,
                        key_policies_dir: Optional[Path] = None) -> tuple[dict, dict]:
     """The chart's serveConfigV2 for a local run, and the merged values it came from. The key
-    policies go to `key_policies_dir` (default: a folder of this port's under build/)."""
+    policies go to `key_policies_dir` (default: a new folder under build/key-policies/)."""
     overrides = dict(values or {})
     if model:
         overrides = chart.deep_merge(overrides, {"model": {"id": model}})
@@ -119,7 +119,13 @@ def local_serve_config(values_files=(), set_values=(), model: Optional[str] = No
     # The only changes to the rendered config: listen on loopback, on the port asked for, and read
     # the key policies where this run wrote them.
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
-    write_key_policies(rendered, config, key_policies_dir or KEY_POLICIES_DIR / str(port))
+    # Each rendering gets a file of its own, as each release has its own ConfigMap. A folder per
+    # port was shared by every config rendered for one server: the LoRA tests' app, added to the
+    # app tests' server, rewrote that server's policies (its throttled key then got 200s).
+    if key_policies_dir is None:
+        KEY_POLICIES_DIR.mkdir(parents=True, exist_ok=True)
+        key_policies_dir = Path(tempfile.mkdtemp(prefix=f"port-{port}-", dir=KEY_POLICIES_DIR))
+    write_key_policies(rendered, config, key_policies_dir)
     merged = chart.deep_merge(chart.load_values_files(values_files), overrides)
     return config, merged
 

@@ -494,3 +494,19 @@ class TestEnginePriority:
             return (await q.admit("batch")).priority, (await q.admit("other")).priority
 
         assert run(scenario()) == (10, 0)
+
+
+def test_two_configs_rendered_for_one_server_should_not_share_a_policy_file():
+    """An app added to a running server is rendered with that server's port; its policies must not
+    replace the server's (they did, when the file's folder was named after the port)."""
+    from tools import serve_local
+
+    throttled = {"serving": {"keyPolicies": {"throttled": {"requestsPerMinute": 1}}}}
+    first, _ = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model="org/model", port=23456,
+                                              values=throttled)
+    second, _ = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model="org/model", port=23456)
+    [first_file] = {app["args"]["serving"]["keyPoliciesFile"] for app in first["applications"]}
+    [second_file] = {app["args"]["serving"]["keyPoliciesFile"] for app in second["applications"]}
+    assert first_file != second_file
+    assert quotas.parse_policies(Path(first_file).read_text()).key_policies["throttled"].requests_per_minute == 1
+    assert quotas.parse_policies(Path(second_file).read_text()).key_policies == {}
