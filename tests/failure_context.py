@@ -69,6 +69,9 @@ def _describe(response: httpx.Response) -> str:
     return f"{request.method} {request.url} -> {response.status_code}\n  {body}"
 
 
+NO_MATCH = "(none)"  # what _tail shows when no line matches its filter
+
+
 def _tail(path: Path, lines: int = LOG_LINES, keep: Optional[re.Pattern] = None) -> str:
     """The file's last `lines` lines, or with `keep` its last lines that match it."""
     try:
@@ -76,7 +79,7 @@ def _tail(path: Path, lines: int = LOG_LINES, keep: Optional[re.Pattern] = None)
     except OSError as error:
         return f"  (cannot read: {error})"
     if keep is not None:
-        text = [line for line in text if keep.search(line)] or ["(none)"]
+        text = [line for line in text if keep.search(line)] or [NO_MATCH]
     return "\n".join("  " + line for line in text[-lines:])
 
 
@@ -108,7 +111,7 @@ def log_tails(local_serve) -> str:
         parts.append(f"--- {path.name}: kills, deaths and restarts\n{_tail(path, DEATH_LINES, keep=DEATH_WORDS)}")
     for path in newest("worker-*.out", 200):
         found = _tail(path, DEATH_LINES, keep=ENGINE_DEATH_WORDS)
-        if found != "  (none)":
+        if found.strip() != NO_MATCH:  # only the workers that logged a death
             parts.append(f"--- {path.name}: vLLM engine deaths\n{found}")
     return "\n".join(parts) or f"(no logs under {logs})"
 
