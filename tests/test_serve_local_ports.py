@@ -24,3 +24,35 @@ def test_two_local_runs_get_distinct_ports_for_every_serve_listener():
         assert name in first.ingress_env and name in second.ingress_env, name
     ports = [int(run.ingress_env[name]) for run in (first, second) for name in PORT_SETTINGS]
     assert len(set(ports)) == len(ports), dict(zip(PORT_SETTINGS * 2, ports))
+
+
+def test_direct_ingress_ports_lie_below_the_kernels_ephemeral_range():
+    """Client connections take ephemeral ports; a block inside that range is often not wholly
+    free after a few thousand test requests (a CI run found no free block at 40000-40999)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+        ephemeral_low = int(ranges.read().split()[0])
+    env = serve_local.direct_ingress_ports()
+    low, high = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"])
+    assert high < ephemeral_low, env
+    http = range(low, int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) + 1)
+    grpc = range(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"]), high + 1)
+    assert not set(http) & set(grpc), env
+
+
+def test_a_port_in_time_wait_counts_as_free_for_a_server():
+    """A closed connection leaves its port in TIME_WAIT for a minute. Serve's replicas bind with
+    SO_REUSEADDR, so such a port is theirs to take; only a listener makes it busy."""
+    import socket
+
+    port = serve_local.free_port()
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        assert not serve_local._can_bind(port, reuse=True)  # a listener holds it
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the side that closes first keeps the TIME_WAIT
+        client.close()
+    assert not serve_local._can_bind(port), "expected the port in TIME_WAIT for a plain bind"
+    assert serve_local._can_bind(port, reuse=True)

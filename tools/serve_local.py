@@ -49,8 +49,8 @@ class LocalServeError(Exception):
 
 
 # Ports handed out by free_port: 21000-29999 is outside the kernel's ephemeral range (32768-60999 by
-# default), Ray's worker ports (10002-19999) and Serve's direct-ingress ports (30000-31000). A port
-# the kernel picked (bind to port 0) was free only at that moment: Ray's own processes bind port 0
+# default), Ray's worker ports (10002-19999) and the direct-ingress ports of local runs (30000-31999).
+# A port the kernel picked (bind to port 0) was free only at that moment: Ray's own processes bind port 0
 # as they start, and can take it before HAProxy binds it; a request then reaches a Ray service
 # instead of the model (the likely cause of a flake: /v1/models answered 200 without `data`).
 # Nothing here binds ports in this range by chance.
@@ -58,8 +58,12 @@ FREE_PORTS = range(21000, 30000)
 _handed_out: set = set()
 
 
-def _can_bind(port: int) -> bool:
+def _can_bind(port: int, reuse: bool = False) -> bool:
+    """Whether 127.0.0.1:port can be bound now. With `reuse`, as a server binds it (SO_REUSEADDR,
+    which uvicorn and gRPC set): a closed connection's TIME_WAIT on the port does not count."""
     with socket.socket() as sock:
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -78,20 +82,28 @@ def free_port() -> int:
 
 def direct_ingress_ports(block: int = 50) -> dict:
     """Serve's direct-ingress port ranges for one local Ray: a block of `block` ports of 30000-30999
-    (HTTP) and the same block of 40000-40999 (gRPC) that nothing holds now. Every local Ray
+    for HTTP and the same block of 31000-31999 for gRPC, that no server holds now. Every local Ray
     otherwise starts its replicas' HTTP servers at 30000. Ray 2.60's replicas bind without
     SO_REUSEPORT, so a clash fails a replica's start rather than mixing two apps' traffic, but it
     fails it: separate blocks keep local runs side by side (the CLI test beside the app tests'
-    server) from racing for the same ports."""
-    for start in random.sample(range(30000, 31000, block), 1000 // block):
-        if start not in _handed_out and all(map(_can_bind, range(start, start + block))) \
-                and all(map(_can_bind, range(start + 10000, start + 10000 + block))):
+    server) from racing for the same ports.
+
+    gRPC's default range, 40000-41000, lies inside the kernel's ephemeral range (32768-60999):
+    after a few thousand test requests its ports are taken by client connections and their
+    TIME_WAITs, and no whole block was free (a CI run failed so). 30000-31999 lies below it."""
+    starts = random.sample(range(30000, 31000, block), 1000 // block)
+    for start in starts:
+        if start not in _handed_out and all(_can_bind(port, reuse=True) for port in range(start, start + block)) \
+                and all(_can_bind(port, reuse=True) for port in range(start + 1000, start + 1000 + block)):
             _handed_out.add(start)
             return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(start),
                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(start + block - 1),
-                    "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(start + 10000),
-                    "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(start + 10000 + block - 1)}
-    raise LocalServeError("no free block of ports in 30000-30999 for Serve's direct ingress")
+                    "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(start + 1000),
+                    "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(start + 1000 + block - 1)}
+    held = [port for port in range(30000, 32000) if not _can_bind(port, reuse=True)]
+    raise LocalServeError(f"no free block of {block} ports in 30000-30999 and 31000-31999 for Serve's direct "
+                          f"ingress; held now: {held[:20]}{' ...' if len(held) > 20 else ''} (`ss -ltnp` names "
+                          "their processes; a local Ray left running holds a block: `ray stop`)")
 
 
 def vllm_environment() -> dict:
@@ -355,7 +367,8 @@ def _ingress_note(server: "LocalServe") -> str:
         return "Ingress: Ray Serve's Python proxy (serving.ingress=proxy), on 127.0.0.1."
     env = server.ingress_env
     return ("Ingress: Ray Serve's HAProxy (the chart's default, serving.ingress=haproxy). HAProxy and the "
-            "replica's own HTTP port (30000-31000) listen on 127.0.0.1; Ray 2.60 binds HAProxy's stats "
+            f"replica's own HTTP port ({env['RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT']}-"
+            f"{env['RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT']}) listen on 127.0.0.1; Ray 2.60 binds HAProxy's stats "
             f"({env['RAY_SERVE_HAPROXY_STATS_PORT']}) and metrics ({env['RAY_SERVE_HAPROXY_METRICS_PORT']}) "
             "ports on all interfaces.")
 
