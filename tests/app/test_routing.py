@@ -61,7 +61,41 @@ def deploy(server, app) -> None:
         time.sleep(1)
     else:
         pytest.fail(f"{APP} did not run with its new args in 600 s: {server.status()}")
+    wait_for_a_router_in_the_path(server)
     print(f"\n{APP} ({app['args']['serving']['routing']['mode']}) RUNNING after {time.monotonic() - started:.1f}s")
+
+
+def routers_logged(server, replica_ids, request_id) -> bool:
+    """Whether one of the given router replicas logged the request (Serve's access line for the
+    router's call names the client's x-request-id, which HAProxy passes on)."""
+    for replica_id in replica_ids:
+        path = os.path.join(server.logs_dir, "serve", f"replica_{APP}_VLLMRouter_{replica_id}.log")
+        if os.path.exists(path):
+            with open(path, errors="replace") as log:
+                if any(f" {request_id} " in line for line in log):
+                    return True
+    return False
+
+
+def wait_for_a_router_in_the_path(server, timeout: float = 120) -> None:
+    """The app runs before HAProxy reloads its config with the new routers; until then HAProxy
+    balances by leastconn, and a tenant's first turns land on either replica (a CI run failed
+    so). Send probes until one of the current router replicas logs one."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as http:
+        while time.monotonic() < deadline:
+            router = server.status()["applications"][APP]["deployments"].get("VLLMRouter", {})
+            current = [r["replica_id"] for r in router.get("replicas", []) if r.get("state") == "RUNNING"]
+            request_id = f"probe-{uuid.uuid4().hex[:12]}"
+            response = http.post(f"{PREFIX}/tokenize", json={"model": SERVED, "prompt": "router probe"},
+                                 headers={"x-request-id": request_id})
+            assert response.status_code == 200, response.text
+            for _ in range(6):  # Serve writes its access line within a moment
+                time.sleep(0.5)
+                if routers_logged(server, current, request_id):
+                    return
+    pytest.fail(f"no router replica of {APP} logged a probe in {timeout:.0f} s: HAProxy does not ask it. "
+                f"Router deployment: {server.status()['applications'][APP]['deployments'].get('VLLMRouter')}")
 
 
 @pytest.fixture(scope="module")
