@@ -313,9 +313,10 @@ def main(argv=None) -> int:
                                                port=serve_local.free_port(), values=overrides)
     config_b = None
     if args.b_set:
+        # Its key policies in a folder of its own: A's, at the same port, must not read B's.
         config_b, _ = serve_local.local_serve_config(args.values or [serve_local.DEFAULT_VALUES], args.b_set,
                                                      model=model, port=config["http_options"]["port"],
-                                                     values=overrides)
+                                                     values=overrides, key_policies_dir=out.resolve() / "key-policies-b")
     served = config["applications"][0]["args"]["model"]["servedName"]
     asked = {name: args.request_model or served for name in names}
     if args.b_request_model:

@@ -11,6 +11,8 @@ top to bottom:
      that touches vLLM's internals)       6. the deployment
   3. usage accounting                     7. build_app
 
+Quotas and priorities per API key are vllm_app_quotas.py's; the gate (section 4) calls it.
+
 vLLM is imported only inside section 2's functions, so building the app on the Serve controller
 and the unit tests of the contract do not need it.
 """
@@ -38,6 +40,7 @@ from pydantic.alias_generators import to_camel
 from ray import serve
 
 import vllm_app_routing
+import vllm_app_quotas
 
 logger = logging.getLogger("ray.serve")
 
@@ -119,8 +122,13 @@ class ServingArgs(_Args):
     engine_stall_seconds: float = Field(default=60, gt=0)
     # Which replica takes a request: HAProxy's leastconn, or by session / prefix (vllm_app_routing.py).
     routing: vllm_app_routing.RoutingArgs = Field(default_factory=vllm_app_routing.RoutingArgs)
+    # The key policies (quotas, priorities; vllm_app_quotas.py), a file re-read while the app runs.
+    key_policies_file: Optional[str] = None
+    # vLLM's priority scheduling, for the policies' priorities; the chart turns it on when one is set.
+    priority_scheduling: bool = False
 
-    empty_is_unset = field_validator("api_key_env", "api_keys_dir", mode="before")(_empty_is_unset)
+    empty_is_unset = field_validator("api_key_env", "api_keys_dir", "key_policies_file",
+                                     mode="before")(_empty_is_unset)
 
 
 # An adapter's name is the `model` clients send, and with loadOnFirstUse also a folder name in the
@@ -214,6 +222,8 @@ def vllm_engine_settings(args: AppArgs) -> dict:
         # The replica actor holds all of its GPUs on one pod (the chart enforces it), so vLLM's
         # own worker processes share them; no Ray placement group is needed.
         settings["distributed_executor_backend"] = "mp"
+    if args.serving.priority_scheduling:
+        settings["scheduling_policy"] = "priority"
     if args.lora.enabled:
         settings.update(enable_lora=True, max_loras=args.lora.max_loras, max_lora_rank=args.lora.max_lora_rank,
                         max_cpu_loras=args.lora.max_cpu_loras)
@@ -616,6 +626,7 @@ class RequestRecord:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.prompt_text: Optional[str] = None
+        self.priority: Optional[int] = None  # the engine priority its key's policy gives it
 
     def count(self, output, delta: bool, first: bool) -> None:
         if first and output.prompt_token_ids is not None:
@@ -674,6 +685,8 @@ def _metered(async_llm_class):
             if record is not None:
                 lora = kwargs.get("lora_request")
                 record.model = lora.lora_name if lora is not None else self.model_config.served_model_name
+                if record.priority is not None:
+                    kwargs["priority"] = record.priority  # the key's, never the client's own
             delta = getattr(getattr(sampling_params, "output_kind", None), "name", "") == "DELTA"
             outputs = super().generate(prompt, sampling_params, request_id, *args, **kwargs)
             first = True
@@ -754,9 +767,9 @@ def error_body(status: int, message: str, type: str, code: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
 
 
-async def _answer(send, status: int, body: bytes) -> None:
+async def _answer(send, status: int, body: bytes, headers: tuple = ()) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -822,8 +835,9 @@ MAX_LOGGED_PROMPT = 2000
 class Gate:
     """ASGI middleware around vLLM's app; see the section comment."""
 
-    def __init__(self, app, keys: APIKeys, log_prompts: bool, metrics: Optional[UsageMetrics] = None):
-        self.app, self.keys, self.log_prompts, self.metrics = app, keys, log_prompts, metrics
+    def __init__(self, app, keys: APIKeys, log_prompts: bool, metrics: Optional[UsageMetrics] = None,
+                 quotas: Optional[vllm_app_quotas.Quotas] = None):
+        self.app, self.keys, self.log_prompts, self.metrics, self.quotas = app, keys, log_prompts, metrics, quotas
         self.routes = Routes(app)
         self.stats = {"requests": 0, "aborted": 0, "in_flight": 0}
 
@@ -868,8 +882,30 @@ class Gate:
                 "invalid_request_error", "invalid_api_key"))
         else:
             record.key = name if self.keys.enabled else ANONYMOUS
-            return await self._forward(scope, receive, send_with_id, record)
+            if self.quotas is None:
+                return await self._forward(scope, receive, send_with_id, record)
+            return await self._forward_within_quota(scope, receive, send_with_id, record)
         self._finish(record)
+
+    async def _forward_within_quota(self, scope, receive, send, record: RequestRecord) -> None:
+        """The key's policy (vllm_app_quotas.py): a 429 over a limit, the x-ratelimit-* headers on
+        every answer, the engine priority, and the tokens charged once the answer has ended."""
+        admission = await self.quotas.admit(record.key, charged=scope["method"] == "POST")
+        if admission.refused:
+            await _answer(send, 429, error_body(429, admission.message, admission.refused, "rate_limit_exceeded"),
+                          (*admission.headers, *admission.retry_headers()))
+            return self._finish(record)
+        record.priority = admission.priority
+
+        async def send_with_limits(message):
+            if message["type"] == "http.response.start" and admission.headers:
+                message = {**message, "headers": [*message.get("headers", []), *admission.headers]}
+            await send(message)
+
+        try:
+            await self._forward(scope, receive, send_with_limits, record)
+        finally:
+            admission.done(record.prompt_tokens + record.completion_tokens)
 
     async def _forward(self, scope, receive, send, record: RequestRecord) -> None:
         """Hand the request to vLLM's app, with its record as the current request."""
@@ -1083,7 +1119,9 @@ class VLLMServer:
             raise
         self.watchdog = steps.watchdog = EngineWatchdog(self.engine, args.serving.engine_stall_seconds)
         self._watching = asyncio.create_task(self.watchdog.run())
-        self.gate = Gate(vllm_app, keys, args.serving.log_prompts, UsageMetrics())
+        self.quotas = vllm_app_quotas.start(args.serving.key_policies_file, serve.get_replica_context().app_name,
+                                            args.serving.priority_scheduling)
+        self.gate = Gate(vllm_app, keys, args.serving.log_prompts, UsageMetrics(), self.quotas)
 
     def __serve_build_asgi_app__(self):
         return self.gate

@@ -109,6 +109,25 @@ and carries the head's serve port: the smoke test calls Serve there.
 {{- if .Values.serving.apiKeys.existingSecret }}/etc/vllm-rayservice/api-keys{{ end }}
 {{- end }}
 
+{{/* The key policies' file in the app ConfigMap (and so in the app folder of the Ray pods). */}}
+{{- define "vllm-rayservice.keyPoliciesFileName" -}}
+key_policies.yaml
+{{- end }}
+
+{{/* The key policies as the app reads them (files/vllm_app_quotas.py, PolicyFile). */}}
+{{- define "vllm-rayservice.keyPolicies" -}}
+{{- toYaml (dict "keyPolicies" .Values.serving.keyPolicies "defaultKeyPolicy" .Values.serving.defaultKeyPolicy) }}
+{{- end }}
+
+{{/* "true" when a key policy sets a priority: vLLM then schedules by priority (an engine setting). */}}
+{{- define "vllm-rayservice.priorityScheduling" -}}
+{{- $any := not (kindIs "invalid" (index .Values.serving.defaultKeyPolicy "priority")) }}
+{{- range $name, $policy := .Values.serving.keyPolicies }}
+{{- if not (kindIs "invalid" (index (default dict $policy) "priority")) }}{{ $any = true }}{{ end }}
+{{- end }}
+{{- $any }}
+{{- end }}
+
 {{/* The environment variable that carries the API key into the app and the smoke test. */}}
 {{- define "vllm-rayservice.apiKeyEnvName" -}}
 VLLM_RAYSERVICE_API_KEY
@@ -276,7 +295,9 @@ contract (README, "The app contract"): files/vllm_app.py validates it into AppAr
     "prefixMinMatchChars" (int .Values.serving.routing.prefixMinMatchChars)
     "prefixMaxBlocks" (int .Values.serving.routing.prefixMaxBlocks)
     "maxImbalance" (int .Values.serving.routing.maxImbalance)
-    "adapterAffinity" .Values.serving.routing.adapterAffinity) }}
+    "adapterAffinity" .Values.serving.routing.adapterAffinity)
+  "keyPoliciesFile" (printf "%s/%s" (include "vllm-rayservice.appDir" .) (include "vllm-rayservice.keyPoliciesFileName" .))
+  "priorityScheduling" (eq (include "vllm-rayservice.priorityScheduling" .) "true") }}
 {{- $deployment := dict
   "name" "VLLMServer"
   "max_ongoing_requests" (int .Values.serving.maxOngoingRequests)

@@ -119,17 +119,45 @@ def vllm_environment() -> dict:
 
 
 def local_serve_config(values_files=(), set_values=(), model: Optional[str] = None,
-                       port: int = 8000, values: Optional[dict] = None) -> tuple[dict, dict]:
-    """The chart's serveConfigV2 for a local run, and the merged values it came from."""
+                       port: int = 8000, values: Optional[dict] = None,
+                       key_policies_dir: Optional[Path] = None) -> tuple[dict, dict]:
+    """The chart's serveConfigV2 for a local run, and the merged values it came from. The key
+    policies go to `key_policies_dir` (default: a new folder under build/key-policies/)."""
     overrides = dict(values or {})
     if model:
         overrides = chart.deep_merge(overrides, {"model": {"id": model}})
     rendered = chart.render(overrides, values_files=values_files, set_values=set_values, release="local")
     config = rendered.serve_config()
-    # The only change to the rendered config: listen on loopback, on the port asked for.
+    # The only changes to the rendered config: listen on loopback, on the port asked for, and read
+    # the key policies where this run wrote them.
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
+    # Each rendering gets a file of its own, as each release has its own ConfigMap. A folder per
+    # port was shared by every config rendered for one server: the LoRA tests' app, added to the
+    # app tests' server, rewrote that server's policies (its throttled key then got 200s).
+    if key_policies_dir is None:
+        KEY_POLICIES_DIR.mkdir(parents=True, exist_ok=True)
+        key_policies_dir = Path(tempfile.mkdtemp(prefix=f"port-{port}-", dir=KEY_POLICIES_DIR))
+    write_key_policies(rendered, config, key_policies_dir)
     merged = chart.deep_merge(chart.load_values_files(values_files), overrides)
     return config, merged
+
+
+KEY_POLICIES_FILE = "key_policies.yaml"  # in the app ConfigMap (templates/_helpers.tpl)
+KEY_POLICIES_DIR = REPO / "build" / "key-policies"
+
+
+def write_key_policies(rendered: "chart.Rendered", config: dict, folder: Path) -> Path:
+    """The key policies the chart renders into the app ConfigMap, written to `folder` (the pods
+    read them from the ConfigMap mount), and the config's apps pointed at them. Rewriting the file
+    while the app runs is what the kubelet does after a `helm upgrade`."""
+    [text] = [cm["data"][KEY_POLICIES_FILE] for cm in rendered.of_kind("ConfigMap")
+              if KEY_POLICIES_FILE in cm.get("data", {})]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / KEY_POLICIES_FILE
+    path.write_text(text + "\n")
+    for app in config["applications"]:
+        app["args"]["serving"]["keyPoliciesFile"] = str(path)
+    return path
 
 
 def chart_ingress_env(values: Optional[dict] = None) -> dict:
@@ -257,6 +285,25 @@ class LocalServe:
 
     def status(self) -> dict:
         return self._request("GET", "/api/serve/applications/")
+
+    @contextlib.contextmanager
+    def added(self, app: dict, timeout: float = 600):
+        """Deploy one more application beside the running ones (as a `helm upgrade` adding it to
+        serveConfigV2 would), wait until it runs, and remove it afterwards. Serve removes it in the
+        background once it says DELETING; the running apps are never touched."""
+        original = self.config
+        self.config = {**original, "applications": [*original["applications"], app]}
+        try:
+            self.submit()
+            self.wait_running(timeout)
+            yield app
+        finally:
+            self.config = original
+            self.submit()
+            deadline = time.monotonic() + 60
+            while self.status().get("applications", {}).get(app["name"], {}).get("status") not in (None, "DELETING") \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
 
     def wait_running(self, timeout: float = 600) -> dict:
         names = [app["name"] for app in self.config["applications"]]

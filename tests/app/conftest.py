@@ -46,13 +46,16 @@ COLD_ROUTE = "/cold"
 
 
 NAMED_KEYS = {"team-a": "key-of-team-a-123", "team-b": "key-of-team-b-456"}
+# A named key with a quota of one request a minute (serving.keyPolicies), so that the monitoring
+# tests see 429s in the quota panels and the throttled-key alert.
+THROTTLED_KEY = ("throttled", "key-of-throttled-789")
 
 
 @pytest.fixture(scope="session")
 def named_keys_dir(tmp_path_factory):
     """What the kubelet makes of the named-keys Secret: one file per key, named after it."""
     folder = tmp_path_factory.mktemp("api-keys")
-    for name, key in NAMED_KEYS.items():
+    for name, key in [*NAMED_KEYS.items(), THROTTLED_KEY]:
         (folder / name).write_text(key)
     return folder
 
@@ -73,7 +76,8 @@ def server(tiny_model_dir, no_template_model_dir, named_keys_dir):
                     "maxQueuedRequests": MAX_QUEUED,
                     # These tests are not the watchdog's (tests/faults is): four engines share 2 cores
                     # here, and a request once waited over 10 s for its first step.
-                    "engineStallSeconds": 120},
+                    "engineStallSeconds": 120,
+                    "keyPolicies": {THROTTLED_KEY[0]: {"requestsPerMinute": 1}}},
     }
     config, merged = serve_local.local_serve_config(
         [serve_local.DEFAULT_VALUES], model=str(tiny_model_dir), port=serve_local.free_port(), values=values)

@@ -32,7 +32,8 @@ MEASURED = {f"{name}_{suffix}" for name in _HISTOGRAMS for suffix in ("bucket", 
     "ray_serve_replica_processing_queries", "ray_serve_deployment_queued_queries",
     "ray_serve_application_status", "ray_serve_deployment_status",
     "ray_vllm_rayservice_requests_total", "ray_vllm_rayservice_prompt_tokens_total",
-    "ray_vllm_rayservice_completion_tokens_total"}
+    "ray_vllm_rayservice_completion_tokens_total", "ray_vllm_rayservice_throttled_requests_total",
+    "ray_vllm_rayservice_quota_remaining"}
 
 
 def _ray_pod_templates(rendered):
@@ -281,7 +282,8 @@ class TestAlerts:
     def test_should_alert_on_replicas_errors_first_token_and_kv_cache(self, render):
         alerts = _alerts(render(ALL_ON))
         assert set(alerts) == {"VLLMRayServiceNoHealthyReplica", "VLLMRayServiceHighErrorRatio",
-                               "VLLMRayServiceSlowFirstToken", "VLLMRayServiceKVCacheSaturated"}
+                               "VLLMRayServiceSlowFirstToken", "VLLMRayServiceKVCacheSaturated",
+                               "VLLMRayServiceKeyThrottled"}
         for name, rule in alerts.items():
             assert rule["for"] and rule["labels"]["severity"], name
             assert rule["annotations"]["summary"] and rule["annotations"]["description"], name

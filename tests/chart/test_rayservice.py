@@ -190,8 +190,8 @@ class TestAppMount:
         configmap = rendered.one("ConfigMap")
         # Every module of the app (files/vllm_app*.py), and the smoke test.
         app_modules = {path.name for path in (chart.CHART_DIR / "files").glob("vllm_app*.py")}
-        assert {"vllm_app.py", "vllm_app_worker.py"} <= app_modules
-        assert set(configmap["data"]) == app_modules | {"smoke_test.py"}
+        assert {"vllm_app.py", "vllm_app_quotas.py", "vllm_app_routing.py", "vllm_app_worker.py"} <= app_modules
+        assert set(configmap["data"]) == app_modules | {"smoke_test.py", "key_policies.yaml"}
 
     def test_configmap_should_hold_the_files_verbatim(self, render):
         """Byte for byte, final newline included: the files the pods see must hash to the
@@ -230,7 +230,9 @@ class TestServeConfig:
                                   "extraArgs": {"enable_prompt_tokens_details": True}}
         args["serving"].pop("routing")  # tests/chart/test_routing_values.py
         assert args["serving"] == {"apiKeyEnv": "", "apiKeysDir": "", "logPrompts": True,
-                                   "warmup": True, "engineStallSeconds": 60}
+                                   "warmup": True, "engineStallSeconds": 60,
+                                   "keyPoliciesFile": "/home/ray/vllm-rayservice/key_policies.yaml",
+                                   "priorityScheduling": False}
 
     def test_args_should_be_what_the_app_contract_accepts(self, render):
         import sys
