@@ -3,6 +3,7 @@ mode after another in alternating rounds, on a model where prefill costs somethi
 
     python -m bench.routing                                  # leastconn, prefix, session; 2 rounds
     python -m bench.routing --modes leastconn,prefix --rounds 3 --seconds 60
+    python -m bench.routing --modes leastconn,prefix,rayllm-prefix   # against Ray Serve LLM's prefix router
 
 The model: a random-weight Llama built here (tools/tiny_model.py BENCH_SHAPE, ~26M parameters,
 maxModelLen 2048). Before the load, one probe measures what a cache miss costs: the time to first
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import loadgen
+from bench import loadgen, servers
 from bench.run import machine, spread
 from tools import serve_local, tiny_model
 
@@ -147,7 +148,8 @@ def router_cpu_s() -> float:
     total = 0.0
     for process in psutil.Process().children(recursive=True):
         try:
-            if "VLLMRouter" in " ".join(process.cmdline()[:2]) or "VLLMRouter" in process.name():
+            # This app's VLLMRouter and Ray Serve LLM's LLMRouter replicas.
+            if "LLMRouter" in " ".join(process.cmdline()[:2]) or "LLMRouter" in process.name():
                 times = process.cpu_times()
                 total += times.user + times.system
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -169,12 +171,38 @@ async def probe(url: str, args) -> dict:
             "prefill_over_decode": round(result.ttft / step, 1) if result.ttft and step else None}
 
 
-def run_mode(mode: str, round_number: int, args) -> dict:
+# Ray Serve LLM on its fastest path with its own prefix router: the OpenAI app with direct streaming
+# behind HAProxy, whose Lua asks Ray Serve LLM's router deployment (LLMRouter), which asks the model
+# deployment's PrefixCacheAffinityRouter. Same model, engine arguments, replicas and imbalance guard.
+RAYLLM = "rayllm-prefix"
+
+
+def rayllm_config(args, port: int) -> tuple[dict, dict]:
     config, merged = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model=str(MODEL_DIR),
-                                                    port=serve_local.free_port(), values=values(mode, args))
+                                                    port=port, values=values("prefix", args))
+    router = {"request_router_config": {
+        "request_router_class": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
+        "request_router_kwargs": {"imbalanced_threshold": args.max_imbalance}},
+        "ray_actor_options": {"num_cpus": 0}}
+    llm_config = servers.ray_serve_llm_config(config, router, bundle_cpus=1)
+    app = {"name": "rayllm", "import_path": "ray.serve.llm:build_openai_app", "route_prefix": "/",
+           "args": {"llm_configs": [llm_config]}}
+    return {"http_options": config["http_options"], "applications": [app]}, merged
+
+
+def run_mode(mode: str, round_number: int, args) -> dict:
+    port, env, cpus = serve_local.free_port(), {"HF_HUB_OFFLINE": "1"}, 2
+    if mode == RAYLLM:
+        config, merged = rayllm_config(args, port)
+        # Its prefix tree is a plain actor, which Ray places only where a logical CPU is free; the
+        # two replicas' bundles hold both. A third logical CPU (not a core) lets it in.
+        env["RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"], cpus = "1", 3
+    else:
+        config, merged = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model=str(MODEL_DIR),
+                                                        port=port, values=values(mode, args))
     print(f"\n== round {round_number}, routing {mode}", flush=True)
     with serve_local.LocalServe(config, values=merged, dashboard_port=serve_local.free_port(),
-                                extra_env={"HF_HUB_OFFLINE": "1"}) as server:
+                                extra_env=env, num_cpus=cpus) as server:
         out = {"probe": asyncio.run(probe(server.url, args))}
         print(f"   probe: {out['probe']}", flush=True)
         for workload in args.workloads:

@@ -110,11 +110,12 @@ def original_design(serve_config: dict, dashboard_port: int, extra_env: dict):
 PYTHON_PROXY = {"serving": {"ingress": "proxy"}}
 
 
-@contextlib.contextmanager
-def ray_serve_llm(serve_config: dict, dashboard_port: int, extra_env: dict):
-    """Ray Serve LLM's default OpenAI app, as its docs deploy it, with this app's engine arguments
-    and Serve options. On CPU it needs an explicit CPU accelerator config (else it asks Ray for a
-    GPU bundle), and its ingress deployment at 0 CPUs so both deployments fit on a 2-CPU Ray."""
+def ray_serve_llm_config(serve_config: dict, deployment_options: Optional[dict] = None,
+                         bundle_cpus: Optional[float] = None) -> dict:
+    """Ray Serve LLM's LLMConfig with this app's engine arguments and Serve options: the model
+    from the app's args, an explicit CPU accelerator config (else it asks Ray for a GPU bundle),
+    and `deployment_options` merged into its deployment_config. `bundle_cpus` sizes each replica's
+    placement-group bundle (Ray Serve LLM adds the replica's own num_cpus to it)."""
     [app] = serve_config["applications"]
     [deployment] = app["deployments"]
     engine = vllm_app.vllm_engine_settings(vllm_app.AppArgs.model_validate(app["args"]))
@@ -124,14 +125,24 @@ def ray_serve_llm(serve_config: dict, dashboard_port: int, extra_env: dict):
         "model_loading_config": {"model_id": served, "model_source": model},
         "engine_kwargs": {name: value for name, value in engine.items() if value not in (None, "")},
         "accelerator_config": {"kind": "cpu"},
-        "deployment_config": {key: deployment[key] for key in
-                              ("num_replicas", "max_ongoing_requests", "max_queued_requests") if key in deployment},
+        "deployment_config": {**{key: deployment[key] for key in
+                                 ("num_replicas", "max_ongoing_requests", "max_queued_requests") if key in deployment},
+                              **(deployment_options or {})},
     }
+    if bundle_cpus is not None:
+        llm_config["placement_group_config"] = {"bundles": [{"CPU": bundle_cpus}], "strategy": "PACK"}
+    return llm_config
+
+
+@contextlib.contextmanager
+def ray_serve_llm(serve_config: dict, dashboard_port: int, extra_env: dict):
+    """Ray Serve LLM's default OpenAI app, as its docs deploy it, with this app's engine arguments
+    and Serve options, its ingress deployment at 0 CPUs so both deployments fit on a 2-CPU Ray."""
     config = {
         "http_options": serve_config["http_options"],
         "applications": [{
             "name": "rayllm", "import_path": "ray.serve.llm:build_openai_app", "route_prefix": "/",
-            "args": {"llm_configs": [llm_config],
+            "args": {"llm_configs": [ray_serve_llm_config(serve_config)],
                      "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}},
         }],
     }

@@ -18,21 +18,27 @@ from collections import Counter
 import httpx
 import pytest
 
-from tools import serve_local
+from tools import serve_local, tiny_lora
 
 from tests.app.conftest import API_KEY
 
 APP, PREFIX = "routed", "/routed"
 SERVED = "tiny-routed"
+ADAPTER = "tiny-routed-lora"
 # One tenant's long shared system prompt: about 2,000 characters, well over prefixMinMatchChars.
 SYSTEM = {tenant: f"You are the assistant of tenant {tenant}. "
           + "".join(f"Rule {tenant}{n}: answer briefly and politely. " for n in range(50)) for tenant in "ABCDEFGH"}
 
 
-def routing_app(server, tiny_model_dir, mode: str) -> dict:
+def routing_app(server, tiny_model_dir, mode: str, adapters_folder=None) -> dict:
     values = {"model": {"servedName": SERVED}, "engine": {"maxModelLen": 2048},
               "serving": {"replicas": 2, "engineStallSeconds": 120,
                           "routing": {"mode": mode, "maxImbalance": 3}}}
+    if adapters_folder is not None:
+        # No adapter listed in values (each replica would register it at start): loaded on first
+        # use, on the replica that first serves it, so the replicas' adapters differ.
+        values["lora"] = {"enabled": True, "maxLoras": 2, "maxLoraRank": 8, "loadOnFirstUse": True,
+                          "volume": {"enabled": True, "mountPath": str(adapters_folder)}}
     config, _ = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model=str(tiny_model_dir),
                                                port=server.port, values=values)
     [app] = config["applications"]
@@ -103,8 +109,8 @@ def routed(server, tiny_model_dir):
     """Deploys the routed app in a mode: routed(mode). Removed after this module."""
     original = server.config
 
-    def in_mode(mode):
-        deploy(server, routing_app(server, tiny_model_dir, mode))
+    def in_mode(mode, adapters_folder=None):
+        deploy(server, routing_app(server, tiny_model_dir, mode, adapters_folder))
 
     try:
         yield in_mode
@@ -224,3 +230,67 @@ def test_killing_a_router_replica_under_load_should_lose_no_request(server, rout
     results = asyncio.run(load_with_a_kill())
     failed = [(r, status, text) for r, status, text in results if status != 200]
     assert not failed, f"{len(failed)} of {len(results)} failed after a router replica was killed: {failed[:3]}"
+
+
+# -- adapter affinity, and every router gone (prefix mode again, with LoRA) --------------------
+
+
+@pytest.fixture(scope="module")
+def adapters_folder(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("routing-adapters")
+    tiny_lora.build(tiny_model_dir, folder / ADAPTER, rank=8, seed=1)
+    return folder
+
+
+def test_an_adapters_requests_should_stay_on_the_replica_that_loaded_it(server, routed, client, adapters_folder):
+    routed("prefix", adapters_folder)
+    # The base model first: each tenant's prompt is placed by hash, some on each replica.
+    base = {tenant: post(client, chat_body(tenant, ["which replica?"])) for tenant in "ABCDEFGH"}
+    where = served_by(server, list(base.values()))
+    base_home = {tenant: where[request_id] for tenant, request_id in base.items()}
+    assert len(set(base_home.values())) == 2, base_home
+    # The adapter's first request loads it on one replica; the routers learn that from its next
+    # report (every STATS_PERIOD_S).
+    first = post(client, {**chat_body("A", ["load the adapter"]), "model": ADAPTER})
+    holder = served_by(server, [first])[first]
+    time.sleep(3)
+    # The tenants whose prompts live on the other replica: for the adapter, they go to its holder.
+    elsewhere = [tenant for tenant, home in base_home.items() if home != holder]
+    sent = [post(client, {**chat_body(tenant, ["which replica?"]), "model": ADAPTER}) for tenant in elsewhere]
+    where = served_by(server, sent)
+    print(f"adapter loaded on {holder}; base homes {base_home}; adapter requests went to {where}")
+    assert set(where.values()) == {holder}, (holder, where)
+
+
+def test_with_every_router_replica_dead_requests_should_fail_fast_then_recover(server, routed):
+    """Ray 2.60's Lua routes through a router or fails: with no router left, HAProxy answers 503
+    (X-Serve-Reason: router_unreachable), never a hang or a 500, until Serve has replaced the
+    routers. The window is measured and printed (README, "Routing across replicas")."""
+    import ray
+
+    replicas = server.status()["applications"][APP]["deployments"]["VLLMRouter"]["replicas"]
+    routers = [ray.get_actor(r["actor_name"], namespace="serve") for r in replicas if r["state"] == "RUNNING"]
+    assert len(routers) == 2, replicas
+    outcomes = []  # (seconds after the kill, status, X-Serve-Reason, seconds taken)
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
+        for router in routers:
+            ray.kill(router, no_restart=False)
+        killed = time.monotonic()
+        answered = 0
+        while time.monotonic() - killed < 180 and answered < 5:
+            sent = time.monotonic()
+            response = http.post(f"{PREFIX}/v1/chat/completions", json=chat_body("B", ["after the kill"]))
+            outcomes.append((round(sent - killed, 1), response.status_code,
+                             response.headers.get("x-serve-reason", ""), round(time.monotonic() - sent, 2)))
+            answered = answered + 1 if response.status_code == 200 else 0
+            time.sleep(0.5)
+    failed = [o for o in outcomes if o[1] != 200]
+    print(f"every router killed: {len(failed)} of {len(outcomes)} failed, the last sent at "
+          f"{failed[-1][0] if failed else 0} s; {outcomes[:3]} ... {outcomes[-3:]}")
+    assert answered == 5, f"not answering 180 s after every router was killed: {outcomes[-10:]}"
+    # No hang: HAProxy's Lua gives each router RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S
+    # (5 s) before it tries the next; a router being replaced may take all of it (seen: 6.0 s).
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S as router_timeout
+
+    slowest = len(routers) * router_timeout + 2
+    assert all(status == 503 and reason and took < slowest for _, status, reason, took in failed), failed
