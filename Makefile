@@ -1,6 +1,6 @@
 # The project's entry point; the README names these targets.
 #   make serve   the serving app on a local Ray, CPU, offline (tiny demo model unless MODEL is set)
-#   make test    the whole default suite (chart + app on the real vLLM CPU engine)
+#   make test    the whole default suite (chart + app on the real vLLM CPU engine + the pods as containers)
 #   make test-containers  the CPU image built here, the chart's pods run as Docker containers (tests/containers)
 #   make bench   the throughput/latency benchmark
 #   make bench-routing   serving.routing's modes against each other, 2 replicas (bench/routing.py)
@@ -46,12 +46,13 @@ test: setup
 	$(PY) -m pytest -m "not cluster and not soak and not faults and not containers" $(PYTEST_ARGS)
 	# The fault suite starts (and kills) a local Ray of its own: a pytest process of its own.
 	$(MAKE) test-faults
-	# Not yet: make test-containers (tests/containers), until all of its scenarios pass.
+	# The chart's pods as Docker containers (tests/containers): a process of its own too.
+	$(MAKE) test-containers
 
 test-faults: setup
 	$(PY) -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
-# Needs a Docker engine (Debian's docker.io, dockerd started) and debootstrap; builds the CPU image unless a cached one
+# Needs a Docker engine (.ci/run installs and starts one) and debootstrap; builds the CPU image unless a cached one
 # matches its inputs (tools/cpu_image.py). The figures land in build/containers/figures.json.
 test-containers: setup
 	$(PY) -m pytest -m containers tests/containers $(PYTEST_ARGS)
