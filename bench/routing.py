@@ -177,9 +177,8 @@ async def probe(url: str, args) -> dict:
 RAYLLM = "rayllm-prefix"
 
 
-def rayllm_config(args, port: int) -> tuple[dict, dict]:
-    config, merged = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model=str(MODEL_DIR),
-                                                    port=port, values=values("prefix", args))
+def rayllm_config(config: dict, args) -> dict:
+    """The serveConfigV2 for Ray Serve LLM, from this app's config rendered in prefix mode."""
     router = {"request_router_config": {
         "request_router_class": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
         "request_router_kwargs": {"imbalanced_threshold": args.max_imbalance}},
@@ -187,19 +186,20 @@ def rayllm_config(args, port: int) -> tuple[dict, dict]:
     llm_config = servers.ray_serve_llm_config(config, router, bundle_cpus=1)
     app = {"name": "rayllm", "import_path": "ray.serve.llm:build_openai_app", "route_prefix": "/",
            "args": {"llm_configs": [llm_config]}}
-    return {"http_options": config["http_options"], "applications": [app]}, merged
+    return {"http_options": config["http_options"], "applications": [app]}
 
 
 def run_mode(mode: str, round_number: int, args) -> dict:
-    port, env, cpus = serve_local.free_port(), {"HF_HUB_OFFLINE": "1"}, 2
+    env, cpus = {"HF_HUB_OFFLINE": "1"}, 2
+    # Ray Serve LLM gets the values of prefix mode: the same engine, replicas and HAProxy settings.
+    config, merged = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model=str(MODEL_DIR),
+                                                    port=serve_local.free_port(),
+                                                    values=values("prefix" if mode == RAYLLM else mode, args))
     if mode == RAYLLM:
-        config, merged = rayllm_config(args, port)
+        config = rayllm_config(config, args)
         # Its prefix tree is a plain actor, which Ray places only where a logical CPU is free; the
         # two replicas' bundles hold both. A third logical CPU (not a core) lets it in.
         env["RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"], cpus = "1", 3
-    else:
-        config, merged = serve_local.local_serve_config([serve_local.DEFAULT_VALUES], model=str(MODEL_DIR),
-                                                        port=port, values=values(mode, args))
     print(f"\n== round {round_number}, routing {mode}", flush=True)
     with serve_local.LocalServe(config, values=merged, dashboard_port=serve_local.free_port(),
                                 extra_env=env, num_cpus=cpus) as server:

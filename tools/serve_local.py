@@ -80,6 +80,12 @@ def free_port() -> int:
     raise LocalServeError(f"no free port in {FREE_PORTS.start}-{FREE_PORTS.stop - 1} on 127.0.0.1")
 
 
+# Where local runs put Serve's direct-ingress ports: HTTP blocks in the first 1,000, the matching
+# gRPC block 1,000 above (direct_ingress_ports says why not Serve's default 40000-41000).
+DIRECT_INGRESS_PORTS = range(30000, 32000)
+_GRPC_OFFSET = 1000
+
+
 def direct_ingress_ports(block: int = 50) -> dict:
     """Serve's direct-ingress port ranges for one local Ray: a block of `block` ports of 30000-30999
     for HTTP and the same block of 31000-31999 for gRPC, that no server holds now. Every local Ray
@@ -91,16 +97,17 @@ def direct_ingress_ports(block: int = 50) -> dict:
     gRPC's default range, 40000-41000, lies inside the kernel's ephemeral range (32768-60999):
     after a few thousand test requests its ports are taken by client connections and their
     TIME_WAITs, and no whole block was free (a CI run failed so). 30000-31999 lies below it."""
-    starts = random.sample(range(30000, 31000, block), 1000 // block)
-    for start in starts:
+    first = DIRECT_INGRESS_PORTS.start
+    for start in random.sample(range(first, first + _GRPC_OFFSET, block), _GRPC_OFFSET // block):
+        grpc = start + _GRPC_OFFSET
         if start not in _handed_out and all(_can_bind(port, reuse=True) for port in range(start, start + block)) \
-                and all(_can_bind(port, reuse=True) for port in range(start + 1000, start + 1000 + block)):
+                and all(_can_bind(port, reuse=True) for port in range(grpc, grpc + block)):
             _handed_out.add(start)
             return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(start),
                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(start + block - 1),
-                    "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(start + 1000),
-                    "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(start + 1000 + block - 1)}
-    held = [port for port in range(30000, 32000) if not _can_bind(port, reuse=True)]
+                    "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+                    "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + block - 1)}
+    held = [port for port in DIRECT_INGRESS_PORTS if not _can_bind(port, reuse=True)]
     raise LocalServeError(f"no free block of {block} ports in 30000-30999 and 31000-31999 for Serve's direct "
                           f"ingress; held now: {held[:20]}{' ...' if len(held) > 20 else ''} (`ss -ltnp` names "
                           "their processes; a local Ray left running holds a block: `ray stop`)")

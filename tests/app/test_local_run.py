@@ -160,7 +160,7 @@ def test_the_local_run_should_serve_through_the_charts_default_ingress(server):
     # Every port the model is served on stays on loopback (HAProxy's own stats and metrics
     # ports are Ray's to bind, and this test sends them nothing).
     listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
-                 and c.laddr.port in (server.port, *range(30000, 32000))]
+                 and c.laddr.port in (server.port, *serve_local.DIRECT_INGRESS_PORTS)]
     assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening), listening
 
 

@@ -71,6 +71,12 @@ def deploy(server, app) -> None:
     print(f"\n{APP} ({app['args']['serving']['routing']['mode']}) RUNNING after {time.monotonic() - started:.1f}s")
 
 
+def running_routers(server) -> list[dict]:
+    """The router deployment's RUNNING replicas, as Serve's status lists them."""
+    router = server.status()["applications"][APP]["deployments"].get("VLLMRouter", {})
+    return [replica for replica in router.get("replicas", []) if replica.get("state") == "RUNNING"]
+
+
 def routers_logged(server, replica_ids, request_id) -> bool:
     """Whether one of the given router replicas logged the request (Serve's access line for the
     router's call names the client's x-request-id, which HAProxy passes on)."""
@@ -90,8 +96,7 @@ def wait_for_a_router_in_the_path(server, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as http:
         while time.monotonic() < deadline:
-            router = server.status()["applications"][APP]["deployments"].get("VLLMRouter", {})
-            current = [r["replica_id"] for r in router.get("replicas", []) if r.get("state") == "RUNNING"]
+            current = [replica["replica_id"] for replica in running_routers(server)]
             request_id = f"probe-{uuid.uuid4().hex[:12]}"
             response = http.post(f"{PREFIX}/tokenize", json={"model": SERVED, "prompt": "router probe"},
                                  headers={"x-request-id": request_id})
@@ -213,9 +218,8 @@ def test_session_mode_should_keep_a_sessions_turns_on_one_replica_by_header_or_u
 def test_killing_a_router_replica_under_load_should_lose_no_request(server, routed):
     import ray
 
-    replicas = server.status()["applications"][APP]["deployments"]["VLLMRouter"]["replicas"]
-    routers = [replica["actor_name"] for replica in replicas if replica["state"] == "RUNNING"]
-    assert len(routers) == 2, replicas  # serving.routing.routerReplicasPerNode on this one node
+    routers = [replica["actor_name"] for replica in running_routers(server)]
+    assert len(routers) == 2, routers  # serving.routing.routerReplicasPerNode on this one node
     victim = ray.get_actor(routers[0], namespace="serve")
 
     async def load_with_a_kill():
@@ -262,28 +266,26 @@ def test_an_adapters_requests_should_stay_on_the_replica_that_loaded_it(server, 
     assert set(where.values()) == {holder}, (holder, where)
 
 
-def test_with_every_router_replica_dead_requests_should_fail_fast_then_recover(server, routed):
+def test_with_every_router_replica_dead_requests_should_fail_fast_then_recover(server, routed, client):
     """Ray 2.60's Lua routes through a router or fails: with no router left, HAProxy answers 503
     (X-Serve-Reason: router_unreachable), never a hang or a 500, until Serve has replaced the
     routers. The window is measured and printed (README, "Routing across replicas")."""
     import ray
 
-    replicas = server.status()["applications"][APP]["deployments"]["VLLMRouter"]["replicas"]
-    routers = [ray.get_actor(r["actor_name"], namespace="serve") for r in replicas if r["state"] == "RUNNING"]
-    assert len(routers) == 2, replicas
+    replicas = running_routers(server)
+    assert len(replicas) == 2, replicas
     outcomes = []  # (seconds after the kill, status, X-Serve-Reason, seconds taken)
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
-        for router in routers:
-            ray.kill(router, no_restart=False)
-        killed = time.monotonic()
-        answered = 0
-        while time.monotonic() - killed < 180 and answered < 5:
-            sent = time.monotonic()
-            response = http.post(f"{PREFIX}/v1/chat/completions", json=chat_body("B", ["after the kill"]))
-            outcomes.append((round(sent - killed, 1), response.status_code,
-                             response.headers.get("x-serve-reason", ""), round(time.monotonic() - sent, 2)))
-            answered = answered + 1 if response.status_code == 200 else 0
-            time.sleep(0.5)
+    for replica in replicas:
+        ray.kill(ray.get_actor(replica["actor_name"], namespace="serve"), no_restart=False)
+    killed = time.monotonic()
+    answered = 0
+    while time.monotonic() - killed < 180 and answered < 5:
+        sent = time.monotonic()
+        response = client.post(f"{PREFIX}/v1/chat/completions", json=chat_body("B", ["after the kill"]))
+        outcomes.append((round(sent - killed, 1), response.status_code,
+                         response.headers.get("x-serve-reason", ""), round(time.monotonic() - sent, 2)))
+        answered = answered + 1 if response.status_code == 200 else 0
+        time.sleep(0.5)
     failed = [o for o in outcomes if o[1] != 200]
     print(f"every router killed: {len(failed)} of {len(outcomes)} failed, the last sent at "
           f"{failed[-1][0] if failed else 0} s; {outcomes[:3]} ... {outcomes[-3:]}")
@@ -292,5 +294,5 @@ def test_with_every_router_replica_dead_requests_should_fail_fast_then_recover(s
     # (5 s) before it tries the next; a router being replaced may take all of it (seen: 6.0 s).
     from ray.serve._private.constants import RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S as router_timeout
 
-    slowest = len(routers) * router_timeout + 2
+    slowest = len(replicas) * router_timeout + 2
     assert all(status == 503 and reason and took < slowest for _, status, reason, took in failed), failed
