@@ -15,6 +15,7 @@ Two workloads, each at --concurrency for at least --seconds:
             prompt; each worker plays one user after another, each asking --turns turns (the
             conversation grows), with the user's session id in x-session-id.
   unique    the same lengths, but every prompt is new: nothing to share, so what routing costs.
+With --turns 1, `tenants` is RAG over a few hot documents: a document and one new question each.
 Each replica's KV cache is cut to --kv-blocks blocks (vLLM's num_gpu_blocks_override) so that it
 holds about half of the tenants' documents, as a busy GPU would.
 
@@ -230,7 +231,8 @@ def run_mode(mode: str, round_number: int, args) -> dict:
 
 
 def report(results: dict, modes: list, workloads: list) -> str:
-    lines = [f"{'mode':<10}{'workload':<9}{'tok/s':>22}{'ttft p50 ms':>24}{'ttft p90 ms':>24}{'hit rate':>20}"
+    width = max(len(mode) for mode in [*modes, "mode"]) + 2
+    lines = [f"{'mode':<{width}}{'workload':<9}{'tok/s':>22}{'ttft p50 ms':>24}{'ttft p90 ms':>24}{'hit rate':>20}"
              f"{'router cpu s/1k req':>22}"]
 
     def cell(values, digits=1):
@@ -240,7 +242,7 @@ def report(results: dict, modes: list, workloads: list) -> str:
     for mode in modes:
         for workload in workloads:
             runs = [r[workload] for r in results[mode]]
-            lines.append(f"{mode:<10}{workload:<9}{cell([r['output_tokens_per_s'] for r in runs]):>22}"
+            lines.append(f"{mode:<{width}}{workload:<9}{cell([r['output_tokens_per_s'] for r in runs]):>22}"
                          f"{cell([r['ttft_p50_ms'] for r in runs]):>24}{cell([r['ttft_p90_ms'] for r in runs]):>24}"
                          f"{cell([r['prefix_cache_hit_rate'] for r in runs], 3):>20}"
                          f"{cell([r['router_cpu_s_per_1k_requests'] for r in runs], 2):>22}")

@@ -175,3 +175,20 @@ def test_the_replica_profile_should_sum_samples_by_part_of_the_serving_path():
     assert profile.breakdown(collapsed) == {
         "event loops in C (uvloop)": 13, "vLLM's frontend, FastAPI, Starlette": 5, "Serve's direct ingress and uvicorn": 4,
         "metrics": 3, "this app's own code": 2, "Ray's worker main thread": 1, "other": 1}
+
+
+def test_the_routing_report_should_keep_its_columns_for_long_mode_names():
+    from bench import routing
+
+    def level(tok_s, p50, p90, hits, cpu):
+        return {"tenants": {"output_tokens_per_s": tok_s, "ttft_p50_ms": p50, "ttft_p90_ms": p90,
+                            "prefix_cache_hit_rate": hits, "router_cpu_s_per_1k_requests": cpu}}
+
+    results = {"leastconn": [level(100.0, 200.0, 400.0, 0.5, None), level(110.0, 220.0, 440.0, 0.6, None)],
+               "rayllm-prefix": [level(120.0, 100.0, 200.0, 0.7, 5.0), level(121.0, 110.0, 220.0, 0.8, 6.0)]}
+    lines = routing.report(results, ["leastconn", "rayllm-prefix"], ["tenants"]).splitlines()
+    table = lines[:3]
+    print("\n".join(lines))
+    # The workload column starts at the same place on every row, after a space.
+    assert len({line.index("tenants") for line in table[1:]} | {table[0].index("workload")}) == 1
+    assert "rayllm-prefix / leastconn, tenants, output_tokens_per_s: 1.15x [1.10-1.20] over 2 rounds" in lines
