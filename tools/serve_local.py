@@ -100,15 +100,16 @@ def direct_ingress_ports(block: int = 50) -> dict:
     first = DIRECT_INGRESS_PORTS.start
     for start in random.sample(range(first, first + _GRPC_OFFSET, block), _GRPC_OFFSET // block):
         grpc = start + _GRPC_OFFSET
-        if start not in _handed_out and all(_can_bind(port, reuse=True) for port in range(start, start + block)) \
-                and all(_can_bind(port, reuse=True) for port in range(grpc, grpc + block)):
+        if start not in _handed_out and all(_can_bind(port, reuse=True)
+                                            for low in (start, grpc) for port in range(low, low + block)):
             _handed_out.add(start)
             return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(start),
                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(start + block - 1),
                     "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
                     "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + block - 1)}
     held = [port for port in DIRECT_INGRESS_PORTS if not _can_bind(port, reuse=True)]
-    raise LocalServeError(f"no free block of {block} ports in 30000-30999 and 31000-31999 for Serve's direct "
+    raise LocalServeError(f"no free block of {block} ports in {first}-{first + _GRPC_OFFSET - 1} and "
+                          f"{first + _GRPC_OFFSET}-{DIRECT_INGRESS_PORTS.stop - 1} for Serve's direct "
                           f"ingress; held now: {held[:20]}{' ...' if len(held) > 20 else ''} (`ss -ltnp` names "
                           "their processes; a local Ray left running holds a block: `ray stop`)")
 
